@@ -1,0 +1,190 @@
+"""Rank and environment helpers for the launchers this project supports.
+
+`deepspeed`, `torchrun` and `mpirun`/`srun --mpi=pmix` all end in the five variables that
+``torch.distributed``'s env:// rendezvous reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT). Plain ``srun`` sets only SLURM_* variables, and DeepSpeed reads none of them, so
+:func:`map_slurm_env` translates them before anything initialises.
+
+Everything here works before ``torch.distributed`` is initialised (it then reads the environment),
+so config validation can name the failing rank without any collective.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import subprocess
+from typing import Any
+
+import torch
+
+DEFAULT_PORT = 29500
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().lstrip("-").isdigit() else default
+
+
+def rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return _env_int("RANK", 0)
+
+
+def world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return _env_int("WORLD_SIZE", 1)
+
+
+def local_rank() -> int:
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm hostlist (``node[1-3,7],gpu05``) into host names.
+
+    ``scontrol show hostnames`` is the authority; this parser is the fallback for environments
+    where the client is not on PATH (e.g. inside a container started by srun).
+    """
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.split()
+            if out:
+                return out
+        except (subprocess.SubprocessError, OSError):
+            pass
+    hosts: list[str] = []
+    # Split on commas that are not inside brackets.
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        m = re.fullmatch(r"(.*?)\[([^\]]*)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for rng in ranges.split(","):
+            if "-" in rng:
+                lo, hi = rng.split("-", 1)
+                width = len(lo)
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{rng}{suffix}")
+    return hosts
+
+
+def map_slurm_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from SLURM_* when a launcher did not.
+
+    Only runs inside a Slurm job step (SLURM_PROCID set) and never overrides variables a launcher
+    already set (``deepspeed``/``torchrun`` inside an allocation set their own). Rank order follows
+    SLURM_PROCID; local rank follows SLURM_LOCALID, not host names, because Slurm's fake multi-node
+    setups share one hostname. Returns what it set.
+    """
+    env = os.environ if environ is None else environ
+    if "SLURM_PROCID" not in env or "RANK" in env:
+        return {}
+    updates = {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")),
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+    }
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        hosts = expand_slurm_nodelist(nodelist) if nodelist else []
+        updates["MASTER_ADDR"] = hosts[0] if hosts else "127.0.0.1"
+    if "MASTER_PORT" not in env:
+        # One port per job so two jobs sharing a node do not collide.
+        job = _env_int_from(env, "SLURM_JOB_ID", 0)
+        updates["MASTER_PORT"] = str(20000 + job % 20000)
+    env.update(updates)
+    return updates
+
+
+def _env_int_from(env: dict[str, str], name: str, default: int) -> int:
+    value = env.get(name, "")
+    return int(value) if value.isdigit() else default
+
+
+def skip_cpu_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce on the CPU accelerator.
+
+    That op serves only inference all-reduce, costs 40-115 s of compilation on a fresh machine,
+    leaves 66 MB /dev/shm segments behind per rank, and a process killed while it compiles leaves a
+    lock that hangs every later start. Training uses gloo collectives either way. DeepSpeed keeps
+    its op-compatibility table in one module-level dict precisely so it can be edited like this.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(timeout_minutes: float | None = None) -> None:
+    """Initialise the process group through DeepSpeed (gloo on CPU, NCCL on GPU), once."""
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    map_slurm_env()
+    skip_cpu_shm_comm_build()
+    kwargs: dict[str, Any] = {"auto_mpi_discovery": "RANK" not in os.environ, "verbose": False}
+    if timeout_minutes is None and os.environ.get("DEEPSPEED_TIMEOUT"):
+        timeout_minutes = float(os.environ["DEEPSPEED_TIMEOUT"])
+    if timeout_minutes is not None:
+        kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
+    # Without a launcher (python launch/train.py) run as a world of one.
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        kwargs["auto_mpi_discovery"] = False
+    deepspeed.init_distributed(**kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce that is a no-op without a process group (single-process tools, tests)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+               "min": torch.distributed.ReduceOp.MIN}
+        torch.distributed.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device("cpu") if name == "cpu" else torch.device(name, local_rank())

@@ -1,0 +1,186 @@
+"""Turn prompts into scores: tokenisation, padded batches, label-logit and log-likelihood scoring.
+
+Shape legend: B batch rows, S padded sequence length, V vocabulary, L candidate labels.
+
+Label-logit scoring is the reference's (``reference-mixlora.md`` §7.3): the next-token logits at the
+last prompt position, restricted to the label tokens, argmax. A label's token is the LAST id of
+``tokenizer.encode(" " + label)``: the leading space makes the label a word of its own, which is how it
+follows "Answer:" in the training text, whether the tokenizer marks word starts by a space prefix
+(SentencePiece "▁A") or inside the token (byte-level BPE "ĠA").
+
+Batches may be padded on either side. Position ids are derived from the attention mask, so a
+left-padded row sees the same positions as the unpadded sequence; the last real position of every row
+is gathered explicitly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------------------------ tokenising
+def encode_prompt(tokenizer, text: str, *, add_bos: bool = True) -> list[int]:
+    """Token ids of a prompt: BOS (when the tokenizer has one) and no EOS, as the reference encodes."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    bos = tokenizer.bos_token_id
+    if add_bos and bos is not None:
+        ids.insert(0, bos)
+    return ids
+
+
+def truncate(ids: list[int], max_length: int, side: str) -> list[int]:
+    """Cut to ``max_length``. "right" keeps the start (the reference; it can cut "Answer:");
+    "left" keeps the end, which keeps the question's tail and "Answer:" (corrected)."""
+    if len(ids) <= max_length:
+        return ids
+    if side == "right":
+        return ids[:max_length]
+    if side == "left":
+        return ids[len(ids) - max_length :]
+    raise ValueError(f"truncation side must be 'left' or 'right', got {side!r}")
+
+
+def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
+    """The reference's label token per label: last id of ``encode(" " + label)``.
+
+    Raises when two labels map to one token (the argmax could then never tell them apart) and warns
+    when a label spans several tokens (only its last piece is scored; log-likelihood scoring sees all).
+    """
+    ids: list[int] = []
+    for label in labels:
+        enc = tokenizer.encode(" " + label, add_special_tokens=False)
+        if not enc:
+            raise ValueError(f"label {label!r} encodes to no token")
+        if len(enc) > 1 and tokenizer.convert_ids_to_tokens(enc[0]) not in ("▁", "Ġ", " "):
+            warnings.warn(
+                f"label {label!r} is {len(enc)} tokens {tokenizer.convert_ids_to_tokens(enc)}; "
+                "label-logit scoring uses only the last one",
+                stacklevel=2,
+            )
+        ids.append(enc[-1])
+    seen: dict[int, str] = {}
+    for label, i in zip(labels, ids):
+        if i in seen:
+            raise ValueError(
+                f"labels {seen[i]!r} and {label!r} map to the same token id {i}; label-logit scoring cannot "
+                "distinguish them (use log-likelihood scoring or a tokenizer with a larger vocabulary)"
+            )
+        seen[i] = label
+    return ids
+
+
+# ------------------------------------------------------------------------------------- batching
+@dataclass
+class PaddedBatch:
+    input_ids_BS: torch.Tensor
+    attention_mask_BS: torch.Tensor
+    position_ids_BS: torch.Tensor
+    last_index_B: torch.Tensor
+    """Position of each row's last real token."""
+    first_index_B: torch.Tensor
+    """Position of each row's first real token (its offset when padded on the left)."""
+
+    def to(self, device: torch.device | str) -> "PaddedBatch":
+        return PaddedBatch(*(t.to(device) for t in vars(self).values()))
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> PaddedBatch:
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("cannot batch an empty sequence")
+    B, S = len(seqs), max(len(s) for s in seqs)
+    input_ids_BS = torch.full((B, S), pad_id, dtype=torch.long)
+    mask_BS = torch.zeros((B, S), dtype=torch.long)
+    first = torch.empty(B, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        start = S - len(s) if side == "left" else 0
+        input_ids_BS[b, start : start + len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask_BS[b, start : start + len(s)] = 1
+        first[b] = start
+    lengths_B = mask_BS.sum(-1)
+    # Real tokens count 0, 1, 2, ... from the row's first real token, whichever side the padding is.
+    position_ids_BS = (mask_BS.cumsum(-1) - 1).clamp(min=0)
+    return PaddedBatch(input_ids_BS, mask_BS, position_ids_BS, first + lengths_B - 1, first)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, falling back as the reference does (unk, then eos, then 0)."""
+    for tok_id in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- model calls
+def _forward(model, batch: PaddedBatch, logits_to_keep: int = 0) -> torch.Tensor:
+    kwargs = {}
+    if logits_to_keep:
+        kwargs["logits_to_keep"] = logits_to_keep
+    out = model(
+        input_ids=batch.input_ids_BS,
+        attention_mask=batch.attention_mask_BS,
+        position_ids=batch.position_ids_BS,
+        use_cache=False,
+        **kwargs,
+    )
+    return out.logits
+
+
+def last_token_logits(model, batch: PaddedBatch) -> torch.Tensor:
+    """fp32 next-token logits [B, V] at each row's last real position."""
+    S = batch.input_ids_BS.shape[1]
+    if bool((batch.last_index_B == S - 1).all()):
+        # Every row ends at the last column (left padding, or equal lengths): the LM head needs to run
+        # on that one column only.
+        return _forward(model, batch, logits_to_keep=1)[:, -1].float()
+    logits_BSV = _forward(model, batch)
+    rows_B = torch.arange(logits_BSV.shape[0], device=logits_BSV.device)
+    return logits_BSV[rows_B, batch.last_index_B.to(logits_BSV.device)].float()
+
+
+def pick_labels(logits_BV: torch.Tensor, label_ids_L: torch.Tensor, allowed_BL: torch.Tensor | None = None) -> torch.Tensor:
+    """Index (into the label list) of the highest-scoring allowed label per row. Ties go to the first
+    label, as torch.argmax resolves them, so the result is deterministic."""
+    scores_BL = logits_BV[:, label_ids_L.to(logits_BV.device)]
+    if allowed_BL is not None:
+        scores_BL = scores_BL.masked_fill(~allowed_BL.to(scores_BL.device), float("-inf"))
+    return scores_BL.argmax(-1)
+
+
+def continuation_logprobs(model, batch: PaddedBatch, cont_lens_B: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over the last ``cont_lens_B[b]`` real tokens of each row (fp32, [B])."""
+    logits_BSV = _forward(model, batch)
+    out = torch.empty(logits_BSV.shape[0], dtype=torch.float32)
+    ids_BS = batch.input_ids_BS.to(logits_BSV.device)
+    for b in range(logits_BSV.shape[0]):
+        end = int(batch.last_index_B[b])  # last real token
+        n = int(cont_lens_B[b])
+        # Token t is predicted from position t-1.
+        pred_positions = torch.arange(end - n, end, device=logits_BSV.device)
+        logp_NV = F.log_softmax(logits_BSV[b, pred_positions].float(), dim=-1)
+        targets_N = ids_BS[b, pred_positions + 1]
+        out[b] = logp_NV.gather(-1, targets_N[:, None]).sum().cpu()
+    return out
+
+
+def split_continuation(tokenizer, prompt: str, continuation: str, *, add_bos: bool = True) -> tuple[list[int], int]:
+    """Ids of ``prompt + continuation`` and how many of the trailing ids belong to the continuation.
+
+    The whole string is tokenised at once (as the model saw it in training) and the prompt's own
+    encoding is taken off the front; if the two disagree at the boundary (a merge across it), the
+    continuation is encoded on its own and appended.
+    """
+    ctx = encode_prompt(tokenizer, prompt, add_bos=add_bos)
+    whole = encode_prompt(tokenizer, prompt + continuation, add_bos=add_bos)
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return whole, len(whole) - len(ctx)
+    cont = list(tokenizer.encode(continuation, add_special_tokens=False))
+    if not cont:
+        raise ValueError(f"continuation {continuation!r} encodes to no token")
+    return ctx + cont, len(cont)

@@ -1,0 +1,162 @@
+"""Expert LoRAs and the two ways to compute a MixLoRA feed-forward block.
+
+Shapes: T tokens, P (token, slot) pairs in expert order, D model dim, I FFN intermediate dim,
+E experts, r LoRA rank. Expert ``e`` of a projection with frozen weight W computes
+``W x + s * B_e A_e dropout(x)``.
+
+- ``ffn_loop``: the plain per-expert loop of the paper and the reference, kept as the readable
+  reference the tests compare against (and the path for DoRA experts).
+- ``ffn_grouped``: the default. ``W1 x`` / ``W3 x`` run once per token; each expert's low-rank work is
+  one grouped matmul over its contiguous slice of pairs; and the frozen down projection runs once
+  per token on the weight-mixed intermediates, which is exact by linearity:
+  ``sum_e w_e (W2 + s B2_e A2_e) h_e = W2 (sum_e w_e h_e) + sum_e w_e s B2_e A2_e h_e``.
+  The per-pair intermediates are recomputed in backward, so activation memory stays near plain LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from mixlora_ds.config import LoraSettings
+from mixlora_ds.model.dispatch import DispatchPlan, LocalDispatcher
+from mixlora_ds.model.grouped_mm import grouped_mm
+from mixlora_ds.model.lora import init_lora_A_
+from mixlora_ds.model.router import Routing
+from mixlora_ds.zero import gathered
+
+
+class ExpertLoraStack(nn.Module):
+    """The LoRA pairs of all experts on one frozen projection, stored as two stacked tensors."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, settings: LoraSettings,
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.settings = settings
+        self.scaling = settings.scaling
+        self.lora_A = nn.Parameter(torch.empty(num_experts, settings.r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, settings.r, device=device, dtype=dtype))
+        init_lora_A_(self.lora_A, settings)
+        self.dropout = nn.Dropout(settings.lora_dropout) if settings.lora_dropout > 0 else nn.Identity()
+        # DoRA magnitudes, one vector per expert; set by ``init_dora`` once the base weight is known.
+        self.lora_magnitude_vector = (
+            nn.Parameter(torch.ones(num_experts, out_features, device=device, dtype=dtype))
+            if settings.use_dora else None
+        )
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_A.shape[0]
+
+    def grouped_delta(self, x_PK: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        """``s B_e A_e dropout(x)`` for every pair, rows in expert order."""
+        a_PK = self.dropout(x_PK.to(self.lora_A.dtype))
+        low_Pr = grouped_mm(a_PK, self.lora_A.transpose(1, 2), offs_E)
+        return grouped_mm(low_Pr, self.lora_B.transpose(1, 2), offs_E) * self.scaling
+
+    def expert_delta(self, e: int, x_NK: torch.Tensor) -> torch.Tensor:
+        """``s B_e A_e dropout(x)`` for rows that all go to expert ``e``."""
+        a = self.dropout(x_NK.to(self.lora_A.dtype))
+        return (a @ self.lora_A[e].t()) @ self.lora_B[e].t() * self.scaling
+
+    def weight_norm(self, e: int, base: nn.Linear) -> torch.Tensor:
+        with gathered([base.weight]):
+            w = base.weight.to(self.lora_A.dtype) + self.scaling * (self.lora_B[e] @ self.lora_A[e])
+            return torch.linalg.vector_norm(w, dim=1)
+
+    @torch.no_grad()
+    def init_dora(self, base: nn.Linear) -> None:
+        for e in range(self.num_experts):
+            self.lora_magnitude_vector[e].copy_(self.weight_norm(e, base))
+
+    def apply_expert(self, e: int, base: nn.Linear, x_NK: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` of this projection, frozen part included (the loop path)."""
+        out = base(x_NK) + self.expert_delta(e, x_NK).to(x_NK.dtype)
+        if self.lora_magnitude_vector is None:
+            return out
+        scale = self.lora_magnitude_vector[e] / self.weight_norm(e, base).detach()
+        bias = base.bias
+        if bias is None:
+            return (scale * out).to(x_NK.dtype)
+        with gathered([bias]):
+            b = bias.detach().clone()
+        return (scale * (out - b) + b).to(x_NK.dtype)
+
+
+class FFNShape:
+    """How the frozen FFN's projections fit together (see ``families.FamilySpec``)."""
+
+    def __init__(self, base_mlp: nn.Module, input_names: tuple[str, ...], output_name: str, gated: bool,
+                 act: Callable[[torch.Tensor], torch.Tensor]):
+        self.base_mlp = base_mlp
+        self.input_names = input_names
+        self.output_name = output_name
+        self.gated = gated
+        self.act = act
+
+    def projection(self, name: str) -> nn.Linear:
+        return getattr(self.base_mlp, name)
+
+    def activate(self, pre: list[torch.Tensor]) -> torch.Tensor:
+        """Pre-activation pieces (one per input projection) -> intermediate ``h``."""
+        if not self.gated:
+            return self.act(pre[0])
+        gate, up = pre if len(pre) == 2 else pre[0].chunk(2, dim=-1)
+        return self.act(gate) * up
+
+
+def ffn_loop(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Reference path: every expert runs the whole FFN (frozen weights + its LoRAs) on its tokens."""
+    out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    for e in range(routing.num_experts):
+        token_N, slot_N = torch.nonzero(routing.expert_TK == e, as_tuple=True)
+        x_ND = x_TD[token_N]
+        pre = [_apply(ffn.projection(n), stacks, n, e, x_ND) for n in ffn.input_names]
+        h_NI = ffn.activate(pre)
+        y_ND = _apply(ffn.projection(ffn.output_name), stacks, ffn.output_name, e, h_NI)
+        out_TD.index_add_(0, token_N, y_ND.float() * routing.weight_TK[token_N, slot_N].unsqueeze(-1))
+    return out_TD.to(x_TD.dtype)
+
+
+def _apply(base: nn.Linear, stacks: nn.ModuleDict, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+    return stacks[name].apply_expert(e, base, x) if name in stacks else base(x)
+
+
+def ffn_grouped(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing,
+                dispatcher: LocalDispatcher, recompute: bool = True) -> torch.Tensor:
+    """Optimized path: shared frozen work once per token, grouped low-rank work per expert."""
+    plan = dispatcher.plan(routing)
+    pre_dense = [ffn.projection(n)(x_TD) for n in ffn.input_names]  # W1 x, W3 x: once per token
+
+    def per_pair(x_TD: torch.Tensor, *pre_dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x_PD = dispatcher.dispatch(plan, x_TD)
+        pre = []
+        for name, dense_TF in zip(ffn.input_names, pre_dense):
+            pre_PF = dispatcher.dispatch(plan, dense_TF)
+            if name in stacks:
+                pre_PF = pre_PF + stacks[name].grouped_delta(x_PD, plan.offs_E).to(pre_PF.dtype)
+            pre.append(pre_PF)
+        h_PI = ffn.activate(pre)
+        mixed_TI = dispatcher.combine(plan, h_PI)
+        if ffn.output_name not in stacks:
+            return (mixed_TI,)
+        delta_PD = stacks[ffn.output_name].grouped_delta(h_PI, plan.offs_E)
+        return mixed_TI, dispatcher.combine(plan, delta_PD).to(x_TD.dtype)
+
+    if recompute and torch.is_grad_enabled():
+        parts = checkpoint(per_pair, x_TD, *pre_dense, use_reentrant=False)
+    else:
+        parts = per_pair(x_TD, *pre_dense)
+    out_proj = ffn.projection(ffn.output_name)
+    y_TD = out_proj(parts[0])  # frozen W2 once per token on the mixed intermediates
+    if len(parts) > 1:
+        y_TD = y_TD + parts[1]
+    if out_proj.bias is not None:
+        # W2 h + b summed with weights w gives (sum w) b; the fold applied b once.
+        with gathered([out_proj.bias]):
+            bias = out_proj.bias.detach().clone()
+        y_TD = y_TD + (routing.weight_TK.sum(-1, keepdim=True) - 1).to(y_TD.dtype) * bias
+    return y_TD

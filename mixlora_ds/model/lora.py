@@ -1,0 +1,70 @@
+"""LoRA on one frozen linear layer (attention projections and the plain-LoRA baseline)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from mixlora_ds.config import LoraSettings
+from mixlora_ds.zero import gathered
+
+
+def init_lora_A_(weight: torch.Tensor, settings: LoraSettings) -> None:
+    """Initialise LoRA A matrices; ``weight`` is [..., r, in] (a stack of experts allowed)."""
+    with torch.no_grad():
+        if settings.init == "gaussian":
+            weight.normal_(0.0, 1.0 / settings.r)
+        else:  # kaiming_uniform(a=sqrt(5)) of an [r, in] matrix is U(-1/sqrt(in), 1/sqrt(in))
+            bound = 1.0 / math.sqrt(weight.shape[-1])
+            weight.uniform_(-bound, bound)
+
+
+class LoraLinear(nn.Module):
+    """``y = W x + b + s * B A dropout(x)``; with DoRA, ``y = m / ||W + sBA||_row * (W x + s B A dropout(x)) + b``.
+
+    The base layer stays a child module (``base_layer``) so ZeRO-3 partitions and gathers it as usual.
+    """
+
+    def __init__(self, base_layer: nn.Linear, settings: LoraSettings, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.base_layer = base_layer
+        self.settings = settings
+        self.scaling = settings.scaling
+        in_f, out_f = base_layer.in_features, base_layer.out_features
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(in_f, settings.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(settings.r, out_f, bias=False, device=device, dtype=dtype)
+        self.lora_dropout = nn.Dropout(settings.lora_dropout) if settings.lora_dropout > 0 else nn.Identity()
+        init_lora_A_(self.lora_A.weight, settings)
+        nn.init.zeros_(self.lora_B.weight)
+        if settings.use_dora:
+            # m starts at ||W||_row (B = 0), so the layer equals the base layer at init.
+            self.lora_magnitude_vector = nn.Parameter(self.base_weight_norm().to(dtype))
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
+
+    def base_weight_norm(self) -> torch.Tensor:
+        """Row norms of ``W + s B A`` (DoRA's denominator), gathering ``W`` under ZeRO-3."""
+        with gathered([self.base_layer.weight]):
+            w = self.base_layer.weight.to(self.lora_A.weight.dtype)
+            w = w + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+            return torch.linalg.vector_norm(w, dim=1)
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        return self.lora_B(self.lora_A(a)) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_magnitude_vector is None:
+            return self.base_layer(x) + self.lora_delta(x).to(x.dtype)
+        # The magnitude rescales W x + s B A x; a bias (Qwen2, Phi) stays outside the rescaling.
+        base = self.base_layer(x)
+        scale = self.lora_magnitude_vector / self.base_weight_norm().detach()
+        bias = self.base_layer.bias
+        if bias is None:
+            return (scale * (base + self.lora_delta(x))).to(x.dtype)
+        with gathered([bias]):
+            b = bias.detach().clone()
+        return (scale * (base - b + self.lora_delta(x)) + b).to(x.dtype)

@@ -1,0 +1,88 @@
+"""The MixLoRA block that replaces a decoder layer's feed-forward module.
+
+route -> dispatch -> expert compute -> combine; each stage lives in its own module
+(router.py, dispatch.py, experts.py) and is tested on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from transformers.activations import ACT2FN
+
+from mixlora_ds.config import MixLoraConfig
+from mixlora_ds.model.dispatch import LocalDispatcher
+from mixlora_ds.model.experts import ExpertLoraStack, FFNShape, ffn_grouped, ffn_loop
+from mixlora_ds.model.families import FamilySpec
+from mixlora_ds.model.router import MixLoraRouter, Routing
+
+COMPUTE_PATHS = ("grouped", "loop")
+
+
+class MixLoraMoeBlock(nn.Module):
+    """Router + expert LoRAs around a frozen FFN (kept as the child ``base_mlp``).
+
+    After each forward the block keeps its routing (``last_routing``) so the load-balance loss and
+    routing statistics can be computed by the caller; nothing is kept at module level.
+    """
+
+    def __init__(self, base_mlp: nn.Module, family: FamilySpec, config: MixLoraConfig, hidden_size: int,
+                 act_fn: str, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.base_mlp = base_mlp
+        self.config = config
+        device = next(base_mlp.parameters()).device
+        self.router = MixLoraRouter(hidden_size, config, device=device)
+        settings = config.expert_settings()
+        self.experts = nn.ModuleDict()
+        for name in family.ffn_projections:
+            if name in config.target_modules:
+                base = getattr(base_mlp, name)
+                self.experts[name] = ExpertLoraStack(
+                    config.num_experts, base.in_features, base.out_features, settings, device=device, dtype=dtype
+                )
+                if settings.use_dora:
+                    self.experts[name].init_dora(base)
+        self.ffn = FFNShape(base_mlp, family.ffn_input_projections, family.ffn_output_projection, family.gated,
+                            ACT2FN[act_fn])
+        self.dispatcher = LocalDispatcher()
+        self.compute_path = "loop" if settings.use_dora else "grouped"
+        """"grouped" (default) or "loop" (reference); DoRA experts need "loop": their per-expert
+        output rescaling does not commute with the shared down projection."""
+        self.recompute = True
+        """Recompute per-pair intermediates in backward instead of storing them."""
+        self.ffn_dropout = nn.Dropout(config.ffn_dropout) if config.ffn_dropout > 0 else nn.Identity()
+        self.last_routing: Routing | None = None
+
+    def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
+        batch_shape = hidden_BSD.shape[:-1]
+        x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
+        if self.training and self.config.jitter_noise > 0:
+            # Out of place: the caller's tensor is left alone (the reference jitters in place).
+            eps = self.config.jitter_noise
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        seq_len = batch_shape[-1] if len(batch_shape) > 1 else None
+        routing = self.router(x_TD, seq_len=seq_len)
+        self.last_routing = routing
+        if self.compute_path == "loop":
+            y_TD = ffn_loop(self.ffn, self.experts, x_TD, routing)
+        else:
+            y_TD = ffn_grouped(self.ffn, self.experts, x_TD, routing, self.dispatcher, recompute=self.recompute)
+        y_TD = self.ffn_dropout(y_TD)
+        if routing.passthrough_T is not None:
+            y_TD = torch.where(routing.passthrough_T.unsqueeze(-1), x_TD.to(y_TD.dtype), y_TD)
+        return y_TD.view(*batch_shape, -1)
+
+
+def moe_blocks(model: nn.Module) -> list[MixLoraMoeBlock]:
+    """The MixLoRA blocks of a model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, MixLoraMoeBlock)]
+
+
+def set_compute_path(model: nn.Module, path: str) -> None:
+    if path not in COMPUTE_PATHS:
+        raise ValueError(f"compute path must be one of {COMPUTE_PATHS}, got {path!r}")
+    for block in moe_blocks(model):
+        if path == "grouped" and block.config.expert_settings().use_dora:
+            raise ValueError("DoRA experts support only the 'loop' compute path")
+        block.compute_path = path

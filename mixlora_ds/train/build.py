@@ -1,0 +1,154 @@
+"""Build the frozen base model (sharded from the start under ZeRO-3) and attach the adapter.
+
+Under ZeRO-3 the base is created inside ``deepspeed.zero.Init`` (through Transformers'
+``HfDeepSpeedConfig``, which also makes ``from_pretrained`` load each rank's shard only), so no rank
+ever holds the whole model. The adapter is then injected on the partitioned model: injection reads
+module names and shapes, never weight values. DeepSpeed partitions the new adapter parameters when
+the engine is created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from mixlora_ds.train.config import TrainConfig, TrainConfigError, where_of
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    adapter_config: Any
+    trainable: list[tuple[str, nn.Parameter]]
+    hf_ds_config: Any = None
+    """Keeps Transformers' weak global reference to the DeepSpeed config alive (ZeRO-3 only)."""
+
+
+def hf_config_for(cfg: TrainConfig):
+    """The Transformers config of the base model, from a local directory or the run file."""
+    from transformers import AutoConfig
+
+    m = cfg.model
+    if m.name_or_path:
+        path = m.name_or_path
+        if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+            raise TrainConfigError(
+                f"{where_of(cfg, 'model.name_or_path')}: model.name_or_path={path!r} is not a local model "
+                f"directory with a config.json (nothing is downloaded)"
+            )
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=m.trust_remote_code)
+    if m.config is None:
+        raise TrainConfigError(f"{where_of(cfg, 'model')}: give model.name_or_path or model.config")
+    if isinstance(m.config, str):
+        if not os.path.isfile(m.config):
+            raise TrainConfigError(f"{where_of(cfg, 'model.config')}: model.config file {m.config!r} not found")
+        with open(m.config, encoding="utf-8") as f:
+            d = json.load(f)
+    else:
+        d = dict(m.config)
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise TrainConfigError(f"{where_of(cfg, 'model.config')}: model.config needs a 'model_type' (e.g. llama)")
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except (ValueError, TypeError) as e:
+        raise TrainConfigError(f"{where_of(cfg, 'model.config')}: {e}") from None
+
+
+def adapter_config_for(cfg: TrainConfig):
+    from mixlora_ds.config import ConfigError, MixLoraConfig
+
+    try:
+        return MixLoraConfig(**cfg.adapter)
+    except TypeError as e:  # an unknown field
+        raise TrainConfigError(f"{where_of(cfg, 'adapter')}: adapter: {e}") from None
+    except ConfigError as e:
+        key = str(e).split("'")[1] if "'" in str(e) else ""
+        raise TrainConfigError(f"{where_of(cfg, 'adapter.' + key if key else 'adapter')}: {e}") from None
+
+
+def check_adapter_targets(cfg: TrainConfig, hf_config, adapter_config) -> None:
+    """Fail before any heavy work when the adapter targets projections the model does not have.
+
+    The model skeleton is built on the meta device (no memory, a second or two even for 7B).
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    leaf_names = {name.rsplit(".", 1)[-1] for name, mod in skeleton.named_modules() if isinstance(mod, nn.Linear)}
+    missing = [t for t in adapter_config.target_modules if t not in leaf_names]
+    if missing:
+        raise TrainConfigError(
+            f"{where_of(cfg, 'adapter.target_modules')}: adapter.target_modules {missing} not found in the "
+            f"{hf_config.model_type} model; its linear layers are {sorted(leaf_names)}"
+        )
+
+
+def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, stage: int) -> BuiltModel:
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from mixlora_ds import inject_mixlora
+
+    hf_config = hf_config_for(cfg)
+    adapter_config = adapter_config_for(cfg)
+    dtype = _DTYPES[precision]
+    # Transformers checks this object (through a weak reference) in from_pretrained/from_config and
+    # then wraps construction in zero.Init with our config; dropping it would silently build the
+    # whole model on every rank.
+    hf_ds = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+    torch.manual_seed(cfg.seed)
+    kwargs = dict(dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    if cfg.model.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.name_or_path, local_files_only=True, trust_remote_code=cfg.model.trust_remote_code, **kwargs
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+    model.config.use_cache = False
+
+    base_ids = {id(p) for p in model.parameters()}
+    # Adapter initialisation must not depend on how the base was built (sharded or not, loaded or
+    # random): reseed so every rank and a single-process run draw the same adapter.
+    torch.manual_seed(cfg.seed)
+    inject_mixlora(model, adapter_config)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    leaked = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in base_ids]
+    if leaked:
+        raise RuntimeError(f"base parameters left trainable after injection: {leaked[:5]}")
+    if not trainable:
+        raise RuntimeError("the adapter has no trainable parameters")
+
+    if stage == 3 and adapter_config.peft_type == "MIXLORA":
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from mixlora_ds.model.moe import MixLoraMoeBlock
+
+        # Experts receive different tokens on different ranks; as a leaf, the whole block's
+        # parameters are gathered on entry, so every rank issues the same collectives.
+        set_z3_leaf_modules(model, [MixLoraMoeBlock])
+    # With a frozen base the embeddings' output does not require grad; a leaf module's (and
+    # checkpointing's) backward hooks then never fire unless the input does.
+    model.enable_input_require_grads()
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return BuiltModel(model, adapter_config, trainable, hf_ds)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) element counts, using ZeRO-3's full shapes where parameters are partitioned."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable

@@ -1,0 +1,396 @@
+"""The training run's schema: documented dataclasses loaded from YAML, with command-line overrides.
+
+A run file has these sections (every key is optional unless marked; see ``configs/tiny.yaml``)::
+
+    run_name, output_dir, seed, precision, max_steps
+    model:      where the frozen base comes from (a local Hugging Face dir, or a config with random weights)
+    adapter:    a MixLoRA config, or a LoRA/DoRA baseline (fields of ``mixlora_ds.MixLoraConfig``)
+    data:       prepared shard directories (``data_prep/prepare.py`` output)
+    batch:      micro-batch per rank and global batch (gradient accumulation follows)
+    optim:      AdamW hyper-parameters and gradient clipping
+    schedule:   warmup, then constant / cosine / linear decay
+    checkpoint: DeepSpeed checkpoints, keep-last-K, adapter export
+    logging:    TensorBoard, console cadence, peak FLOPs for MFU
+    eval:       periodic held-out loss
+    deepspeed:  DeepSpeed JSON path plus overrides
+
+Errors name the file and line (or the command-line flag) and the dotted key. Schema version 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+SCHEMA_VERSION = 1
+
+
+class TrainConfigError(ValueError):
+    """An invalid run configuration; the message names where (file:line or flag) and which key."""
+
+
+# ------------------------------------------------------------------------------------------ sections
+@dataclass
+class ModelSection:
+    name_or_path: str | None = None
+    """Local Hugging Face model directory (config.json + safetensors). Loaded sharded under ZeRO-3."""
+    config: dict[str, Any] | str | None = None
+    """Used when ``name_or_path`` is null: a transformers config as a mapping (``model_type`` required)
+    or a path to a config.json. The base then gets random weights (seeded by ``seed``)."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to ``name_or_path``, else the one the data manifest names."""
+    attn_implementation: str = "sdpa"
+    """"sdpa" or "eager" use the block-diagonal packed mask; "flash_attention_2" uses position ids (varlen)."""
+    gradient_checkpointing: bool = True
+    """Non-reentrant activation checkpointing of every decoder layer."""
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataSection:
+    train_dir: str = ""
+    """Directory written by ``data_prep/prepare.py`` (manifest.json + shards). Required."""
+    eval_dir: str | None = None
+    """Held-out shards; null = the ``eval_split`` of ``train_dir`` when it has one."""
+    train_split: str = "train"
+    eval_split: str = "eval"
+    shuffle: bool = True
+    drop_last: bool = True
+
+
+@dataclass
+class BatchSection:
+    micro_batch_size: int = 1
+    """Packed sequences per rank per forward."""
+    global_batch_size: int = 8
+    """Packed sequences per optimizer step over all ranks: micro x accumulation x world size."""
+
+
+@dataclass
+class OptimSection:
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    """Applied to every trainable tensor, router included (the reference does the same)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Global L2 clipping over all ranks; 0 disables it."""
+    impl: Literal["torch", "fused", "cpu_adam"] = "torch"
+    """"torch": torch.optim.AdamW (nothing to compile; right for LoRA-sized state). "fused":
+    DeepSpeed FusedAdam (GPU). "cpu_adam": DeepSpeedCPUAdam for optimizer offload. The last two
+    JIT-compile a kernel on first use."""
+
+
+@dataclass
+class ScheduleSection:
+    type: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Used when ``warmup_steps`` is 0: a fraction of the total optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """Cosine / linear decay end at ``lr * min_lr_ratio``."""
+    num_epochs: float = 1.0
+    """Total length when ``max_steps`` is null."""
+
+
+@dataclass
+class CheckpointSection:
+    dir: str | None = None
+    """Null = ``<output_dir>/checkpoints``."""
+    every_steps: int = 0
+    """Save every N optimizer steps (0 = only at the end and on SIGTERM/SIGUSR1)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
+    save_final: bool = True
+    export_dir: str | None = None
+    """Where the final adapter (reference format) goes; null = ``<output_dir>/adapter``."""
+    resume: str | None = None
+    """"auto" (latest complete checkpoint, if any), a checkpoint directory, or null."""
+
+
+@dataclass
+class LoggingSection:
+    tensorboard_dir: str | None = None
+    """Null = ``<output_dir>/tensorboard``."""
+    every_steps: int = 10
+    """Console line and TensorBoard scalars every N optimizer steps."""
+    heatmap_every_steps: int = 50
+    """Expert-load heatmap image every N steps (0 = never)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device in the training precision; enables the MFU scalar."""
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalSection:
+    every_steps: int = 0
+    """Held-out loss every N optimizer steps (0 = only at the end when eval data exists)."""
+    max_batches: int | None = None
+    """Per-rank cap on evaluation micro-batches; null = the whole held-out split."""
+    at_end: bool = True
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "ds_configs/zero3_cpu.json"
+    """DeepSpeed JSON; relative paths are taken from the run file's directory, then the CWD."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Nested keys merged over the JSON, e.g. ``{zero_optimization: {stage: 2}}``."""
+    timeout_minutes: float | None = None
+    """Collective timeout; null = DEEPSPEED_TIMEOUT or DeepSpeed's default (10)."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    adapter: dict[str, Any] = field(default_factory=dict)
+    """Fields of ``mixlora_ds.MixLoraConfig`` (validated there)."""
+    data: DataSection = field(default_factory=DataSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    run_name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """"auto": bf16 on GPUs, fp32 on CPU. Adapter weights and optimizer state are always fp32."""
+    max_steps: int | None = None
+    """Optimizer steps to run; null = ``schedule.num_epochs`` over the training shards."""
+    schema_version: int = SCHEMA_VERSION
+
+    # Where the file came from; not part of the schema.
+    source: str = field(default="<defaults>", repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def resolve_path(self, p: str | None) -> str | None:
+        """Paths in a run file are relative to the current directory (the project root in practice)."""
+        return None if p is None else os.path.abspath(os.path.expanduser(p))
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.resolve_path(self.checkpoint.dir or os.path.join(self.output_dir, "checkpoints"))
+
+    @property
+    def export_dir(self) -> str:
+        return self.resolve_path(self.checkpoint.export_dir or os.path.join(self.output_dir, "adapter"))
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return self.resolve_path(self.logging.tensorboard_dir or os.path.join(self.output_dir, "tensorboard"))
+
+
+# ----------------------------------------------------------------------------------- YAML + marks
+class _Where:
+    """Maps dotted keys to "file:line" (or the command-line flag) for error messages."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.lines: dict[str, int] = {}
+        self.flags: dict[str, str] = {}
+
+    def __call__(self, dotted: str) -> str:
+        if dotted in self.flags:
+            return f"command line {self.flags[dotted]}"
+        probe = dotted
+        while probe:
+            if probe in self.lines:
+                return f"{self.source}:{self.lines[probe]}"
+            probe = probe.rpartition(".")[0]
+        return self.source
+
+
+def _record_lines(node: yaml.Node, prefix: str, where: _Where) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            where.lines[key] = key_node.start_mark.line + 1
+            _record_lines(value_node, key, where)
+
+
+def _load_yaml(path: str) -> tuple[dict[str, Any], _Where]:
+    where = _Where(path)
+    if not os.path.isfile(path):
+        raise TrainConfigError(f"{path}: run config file not found")
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise TrainConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{path}: the run config must be a mapping at the top level")
+    if node is not None:
+        _record_lines(node, "", where)
+    return data, where
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any, str]]:
+    """``--section.key value`` / ``--section.key=value`` pairs; values parse as YAML scalars/lists."""
+    out: list[tuple[str, Any, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise TrainConfigError(f"command line: expected --section.key VALUE, got {arg!r}")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise TrainConfigError(f"command line {arg}: missing value")
+            key, raw = arg[2:], argv[i + 1]
+            i += 2
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.replace("-", "_"), value, f"--{key}"))
+    return out
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+# ------------------------------------------------------------------------------------ type checks
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (floats widened from ints)."""
+    origin = typing.get_origin(tp)
+    bad = TrainConfigError(
+        f"{where(key)}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    )
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key, where)
+            except TrainConfigError:
+                continue
+        raise bad
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "2e-4" (no dot) as a string; accept what is clearly a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key, where)
+    raise bad
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, where: _Where) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            section = f"section '{prefix}'" if prefix else "the top level"
+            raise TrainConfigError(
+                f"{where(dotted)}: unknown key '{dotted}' in {section}; known keys: {', '.join(sorted(known))}"
+            )
+        kwargs[key] = _coerce(value, hints[key], dotted, where)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------- loading
+def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a run file (or only defaults when ``path`` is None) and apply ``--a.b value`` overrides."""
+    data, where = _load_yaml(path) if path else ({}, _Where("<defaults>"))
+    for dotted, value, flag in parse_overrides(overrides or []):
+        _set_dotted(data, dotted, value)
+        where.flags[dotted] = flag
+    cfg = _build(TrainConfig, data, "", where)
+    cfg.source = path or "<defaults>"
+    cfg._where = where  # type: ignore[attr-defined]  # for later semantic errors
+    if cfg.schema_version != SCHEMA_VERSION:
+        raise TrainConfigError(
+            f"{where('schema_version')}: schema_version {cfg.schema_version} is not supported (this "
+            f"version reads {SCHEMA_VERSION})"
+        )
+    return cfg
+
+
+def where_of(cfg: TrainConfig, dotted: str) -> str:
+    where = getattr(cfg, "_where", None)
+    return where(dotted) if where is not None else cfg.source
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
