@@ -1,0 +1,180 @@
+"""One training step (forward + backward + AdamW) of a LLaMA-2-7B-shaped model, adapters side by side.
+
+    python benchmarks/bench_train_step.py                 # GPU: 7B shape, batch 4 x 512, bf16
+    python benchmarks/bench_train_step.py --tiny          # CPU smoke run
+
+Variants, each on a fresh random bf16 model in the same process:
+  base       frozen base, no adapter (backward to the inputs): the ceiling no PEFT method can pass
+  peft-lora  PEFT LoRA r=80 alpha=160 on all 7 projections (the paper's LoRA baseline budget)
+  reference  the reference ``mixlora`` 0.2.3 layers: 8 experts, top-2, r=16 alpha=32, attention LoRA too
+  mixlora_ds the same MixLoRA config here (grouped path; fp32 adapters like PEFT's, and bf16 adapters)
+Reports tokens/s (median of timed steps) and peak memory. Also a per-block microbenchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def model_config(tiny: bool) -> LlamaConfig:
+    if tiny:
+        return LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4, vocab_size=512)
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000)
+
+
+def fresh_model(cfg: LlamaConfig, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def attach(variant: str, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Add the variant's adapter; return the parameters the optimizer trains."""
+    if variant == "base":
+        model.enable_input_require_grads()
+        return []
+    if variant == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        peft = get_peft_model(model, LoraConfig(r=80, lora_alpha=160, lora_dropout=0.05, target_modules=TARGETS))
+        model.peft_wrapper = peft  # keep the wrapper alive; the modules are injected in place
+        return [p for p in model.parameters() if p.requires_grad]
+    if variant == "reference":
+        return attach_reference(model)
+    from mixlora_ds import MixLoraConfig, inject_mixlora
+
+    dtype = torch.float32 if variant == "mixlora_ds" else torch.bfloat16
+    inject_mixlora(model, MixLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=8, top_k=2,
+                                        target_modules=TARGETS), adapter_dtype=dtype)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def attach_reference(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    import mixlora
+    from mixlora.config import MixLoraConfig as RefConfig
+
+    cfg = model.config
+    ref_cfg = RefConfig.from_config({
+        "bias": "none", "peft_type": "MIXLORA", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
+        "target_modules": TARGETS, "routing_strategy": "mixlora", "num_experts": 8, "top_k": 2, "act_fn": "silu",
+        "base_model_name_or_path": "random", "task_type": "CAUSAL_LM",
+    })
+    ref_cfg.adapter_name_ = "default"
+    ref_cfg.dtype_ = torch.float32
+    dev = next(model.parameters()).device
+    d, i, r, e = cfg.hidden_size, cfg.intermediate_size, 16, 8
+    shapes = {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d),
+              "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+    weights = {}
+    for layer in range(cfg.num_hidden_layers):
+        weights[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = torch.randn(e, d, device=dev) * 0.02
+        for proj in TARGETS[:4]:
+            fi, fo = shapes[proj]
+            weights[f"mixlora.layers.{layer}.self_attn.{proj}.lora_A.weight"] = torch.randn(r, fi, device=dev) * 0.01
+            weights[f"mixlora.layers.{layer}.self_attn.{proj}.lora_B.weight"] = torch.zeros(fo, r, device=dev)
+        for proj in TARGETS[4:]:
+            fi, fo = shapes[proj]
+            for j in range(e):
+                weights[f"mixlora.layers.{layer}.mlp.{proj}.experts.{j}.lora_A.weight"] = torch.randn(r, fi, device=dev) * 0.01
+                weights[f"mixlora.layers.{layer}.mlp.{proj}.experts.{j}.lora_B.weight"] = torch.zeros(fo, r, device=dev)
+    mixlora.inject_adapter_in_model(model, ref_cfg, weights)
+    params = []
+    for layer in model.model.layers:
+        for moe in layer.mlp.mixlora_moes.values():
+            moe.gate_ = moe.gate_.detach().requires_grad_(True)
+            params.append(moe.gate_)
+            for expert in moe.experts_.values():
+                params += [expert.lora_A.weight, expert.lora_B.weight]
+        for proj in TARGETS[:4]:
+            lin = getattr(layer.self_attn, proj)
+            params += [lin.lora_A.weight, lin.lora_B.weight]
+    for p in params:
+        p.requires_grad_(True)
+    model.enable_input_require_grads()
+    return params
+
+
+def time_steps(model, params, batch, seq, vocab, steps, warmup, device):
+    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
+    times = []
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for step in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss
+        if hasattr(model, "mixlora_config"):
+            from mixlora_ds.model.aux_loss import mixlora_aux_loss
+
+            loss = loss + mixlora_aux_loss(model)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_variant(variant, cfg, args, device):
+    model = fresh_model(cfg, device)
+    params = attach(variant, model)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sec = time_steps(model, params, args.batch, args.seq, cfg.vocab_size, args.steps, args.warmup, device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    n_train = sum(p.numel() for p in params)
+    del model, params
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"variant": variant, "tokens_per_s": args.batch * args.seq / sec, "step_s": sec, "peak_gib": peak,
+            "trainable_params": n_train}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke run)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variants", default="base,peft-lora,reference,mixlora_ds,mixlora_ds-bf16")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if args.tiny:
+        args.seq, args.steps, args.warmup = min(args.seq, 64), min(args.steps, 2), 1
+    cfg = model_config(args.tiny)
+    results = [run_variant(v, cfg, args, device) for v in args.variants.split(",")]
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"\ndevice: {name}; torch {torch.__version__}; batch {args.batch} x seq {args.seq}")
+    print(f"{'variant':<18}{'tokens/s':>12}{'step ms':>10}{'peak GiB':>10}{'trainable':>14}")
+    for r in results:
+        print(f"{r['variant']:<18}{r['tokens_per_s']:>12,.0f}{r['step_s'] * 1e3:>10.1f}{r['peak_gib']:>10.1f}"
+              f"{r['trainable_params']:>14,}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
