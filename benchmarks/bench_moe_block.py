@@ -4,7 +4,7 @@
     python benchmarks/bench_moe_block.py --tiny     # CPU smoke run
 
 Variants: the frozen dense FFN (backward to its input only), the dense FFN with PEFT-style LoRA r=80
-on its 3 projections, mixlora_ds grouped (fp32 and bf16 adapters), mixlora_ds per-expert loop, and the
+on its 3 projections, mixlora_ds masked-dense and grouped (fp32 and bf16 adapters), the per-expert loop, and the
 reference ``mixlora`` 0.2.3 block.
 """
 
@@ -49,7 +49,7 @@ def build(variant: str, cfg: LlamaConfig, device: str):
     with torch.no_grad():
         for stack in block.experts.values():
             stack.lora_B.normal_(0, 0.01)
-    block.compute_path = "loop" if variant.startswith("loop") else "grouped"
+    block.compute_path = {"loop": "loop", "grouped": "grouped", "masked": "dense"}[variant.split("-")[0]]
     return block
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--variants", default="dense,dense+lora80,grouped,grouped-bf16,loop,reference")
+    ap.add_argument("--variants", default="dense,dense+lora80,masked,masked-bf16,grouped,grouped-bf16,loop,reference")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     cfg = LlamaConfig(hidden_size=64 if args.tiny else 4096, intermediate_size=176 if args.tiny else 11008)

@@ -7,7 +7,8 @@ Variants, each on a fresh random bf16 model in the same process:
   base       frozen base, no adapter (backward to the inputs): the ceiling no PEFT method can pass
   peft-lora  PEFT LoRA r=80 alpha=160 on all 7 projections (the paper's LoRA baseline budget)
   reference  the reference ``mixlora`` 0.2.3 layers: 8 experts, top-2, r=16 alpha=32, attention LoRA too
-  mixlora_ds the same MixLoRA config here (grouped path; fp32 adapters like PEFT's, and bf16 adapters)
+  mixlora_ds the same MixLoRA config here: default (masked-dense) path with fp32 adapter weights like
+             PEFT's; the same with bf16 adapter weights; and the grouped path
 Reports tokens/s (median of timed steps) and peak memory. Also a per-block microbenchmark.
 """
 
@@ -58,9 +59,12 @@ def attach(variant: str, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return attach_reference(model)
     from mixlora_ds import MixLoraConfig, inject_mixlora
 
-    dtype = torch.float32 if variant == "mixlora_ds" else torch.bfloat16
+    from mixlora_ds.model.moe import set_compute_path
+
+    dtype = torch.bfloat16 if "bf16" in variant else torch.float32
     inject_mixlora(model, MixLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=8, top_k=2,
                                         target_modules=TARGETS), adapter_dtype=dtype)
+    set_compute_path(model, "grouped" if "grouped" in variant else "dense")
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -157,7 +161,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--variants", default="base,peft-lora,reference,mixlora_ds,mixlora_ds-bf16")
+    ap.add_argument("--variants", default="base,peft-lora,reference,mixlora_ds,mixlora_ds-bf16,mixlora_ds-grouped")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"

@@ -52,15 +52,47 @@ class ExpertLoraStack(nn.Module):
         return self.lora_A.shape[0]
 
     def grouped_delta(self, x_PK: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        """``s B_e A_e dropout(x)`` for every pair, rows in expert order."""
-        a_PK = self.dropout(x_PK.to(self.lora_A.dtype))
-        low_Pr = grouped_mm(a_PK, self.lora_A.transpose(1, 2), offs_E)
-        return grouped_mm(low_Pr, self.lora_B.transpose(1, 2), offs_E) * self.scaling
+        """``s B_e A_e dropout(x)`` for every pair, rows in expert order.
+
+        Computed in the activation dtype: the small weights are cast, not the large activations.
+        """
+        A, B = self.lora_A.to(x_PK.dtype), self.lora_B.to(x_PK.dtype)
+        low_Pr = grouped_mm(self.dropout(x_PK), A.transpose(1, 2), offs_E)
+        return grouped_mm(low_Pr, B.transpose(1, 2), offs_E) * self.scaling
+
+    def _stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts side by side: A as ``[E*r, in]`` and B as ``[E*r, out]``."""
+        E, r, _ = self.lora_A.shape
+        A = self.lora_A.to(dtype).reshape(E * r, -1)
+        B = self.lora_B.to(dtype).transpose(1, 2).reshape(E * r, -1)
+        return A, B
+
+    def masked_delta(self, x_TD: torch.Tensor, onehot_TKE: torch.Tensor) -> torch.Tensor:
+        """``s B_e A_e dropout(x_t)`` for each token's K chosen experts, as ``[T, K, out]``.
+
+        Every expert's rank-r code is computed (one GEMM of width E*r), the unchosen ones are zeroed,
+        and one GEMM of depth E*r applies the B matrices. With E*r small the extra arithmetic is
+        free (these GEMMs are memory-bound), and there is no sort, gather or data-dependent shape.
+        """
+        T, K, E = onehot_TKE.shape
+        A, B = self._stacked(x_TD.dtype)
+        code_TEr = (self.dropout(x_TD) @ A.t()).view(T, 1, E, -1)
+        chosen_TKEr = code_TEr * onehot_TKE.unsqueeze(-1)
+        return (chosen_TKEr.reshape(T * K, -1) @ B).view(T, K, -1) * self.scaling
+
+    def masked_delta_mixed(self, h_TKI: torch.Tensor, onehot_TKE: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        """``sum_k w_k s B_{e_k} A_{e_k} dropout(h_k)`` per token, as ``[T, out]``."""
+        T, K, E = onehot_TKE.shape
+        A, B = self._stacked(h_TKI.dtype)
+        code_TKEr = (self.dropout(h_TKI) @ A.t()).view(T, K, E, -1)
+        gate_TKE = onehot_TKE * weight_TK.to(h_TKI.dtype).unsqueeze(-1)
+        mixed_TEr = (code_TKEr * gate_TKE.unsqueeze(-1)).sum(dim=1)
+        return (mixed_TEr.reshape(T, -1) @ B) * self.scaling
 
     def expert_delta(self, e: int, x_NK: torch.Tensor) -> torch.Tensor:
         """``s B_e A_e dropout(x)`` for rows that all go to expert ``e``."""
         a = self.dropout(x_NK.to(self.lora_A.dtype))
-        return (a @ self.lora_A[e].t()) @ self.lora_B[e].t() * self.scaling
+        return ((a @ self.lora_A[e].t()) @ self.lora_B[e].t() * self.scaling).to(x_NK.dtype)
 
     def weight_norm(self, e: int, base: nn.Linear) -> torch.Tensor:
         with gathered([base.weight]):
@@ -74,7 +106,7 @@ class ExpertLoraStack(nn.Module):
 
     def apply_expert(self, e: int, base: nn.Linear, x_NK: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` of this projection, frozen part included (the loop path)."""
-        out = base(x_NK) + self.expert_delta(e, x_NK).to(x_NK.dtype)
+        out = base(x_NK) + self.expert_delta(e, x_NK)
         if self.lora_magnitude_vector is None:
             return out
         scale = self.lora_magnitude_vector[e] / self.weight_norm(e, base).detach()
@@ -137,15 +169,50 @@ def ffn_grouped(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routin
         for name, dense_TF in zip(ffn.input_names, pre_dense):
             pre_PF = dispatcher.dispatch(plan, dense_TF)
             if name in stacks:
-                pre_PF = pre_PF + stacks[name].grouped_delta(x_PD, plan.offs_E).to(pre_PF.dtype)
+                pre_PF = pre_PF + stacks[name].grouped_delta(x_PD, plan.offs_E)
             pre.append(pre_PF)
         h_PI = ffn.activate(pre)
         mixed_TI = dispatcher.combine(plan, h_PI)
         if ffn.output_name not in stacks:
             return (mixed_TI,)
         delta_PD = stacks[ffn.output_name].grouped_delta(h_PI, plan.offs_E)
-        return mixed_TI, dispatcher.combine(plan, delta_PD).to(x_TD.dtype)
+        return mixed_TI, dispatcher.combine(plan, delta_PD)
 
+    return _finish(ffn, stacks, x_TD, routing, per_pair, pre_dense, recompute)
+
+
+def ffn_dense(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing,
+              recompute: bool = True) -> torch.Tensor:
+    """Optimized path without dispatch: pairs stay in token order ``[T, K, ...]`` and each expert
+    LoRA runs as a masked GEMM over all experts (see ``ExpertLoraStack.masked_delta``). Same sharing
+    of W1 x / W3 x and the same W2 fold as ``ffn_grouped``.
+
+    Dropout on the input projections' LoRA input is drawn once per token and shared by its K
+    experts (the reference draws one mask per expert); identical in eval mode and in expectation.
+    """
+    pre_dense = [ffn.projection(n)(x_TD) for n in ffn.input_names]
+    onehot_TKE = torch.nn.functional.one_hot(routing.expert_TK, routing.num_experts).to(x_TD.dtype)
+    weight_TK = routing.weight_TK
+
+    def per_pair(x_TD: torch.Tensor, *pre_dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pre = []
+        for name, dense_TF in zip(ffn.input_names, pre_dense):
+            pre_TKF = dense_TF.unsqueeze(1)
+            if name in stacks:
+                pre_TKF = pre_TKF + stacks[name].masked_delta(x_TD, onehot_TKE)
+            pre.append(pre_TKF.expand(-1, onehot_TKE.shape[1], -1))
+        h_TKI = ffn.activate(pre)
+        mixed_TI = (h_TKI * weight_TK.to(h_TKI.dtype).unsqueeze(-1)).sum(dim=1)
+        if ffn.output_name not in stacks:
+            return (mixed_TI,)
+        return mixed_TI, stacks[ffn.output_name].masked_delta_mixed(h_TKI, onehot_TKE, weight_TK)
+
+    return _finish(ffn, stacks, x_TD, routing, per_pair, pre_dense, recompute)
+
+
+def _finish(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing, per_pair,
+            pre_dense: list[torch.Tensor], recompute: bool) -> torch.Tensor:
+    """Run the per-pair part (recomputed in backward when training), then the frozen W2 once per token."""
     if recompute and torch.is_grad_enabled():
         parts = checkpoint(per_pair, x_TD, *pre_dense, use_reentrant=False)
     else:

@@ -53,12 +53,13 @@ class LoraLinear(nn.Module):
             return torch.linalg.vector_norm(w, dim=1)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return self.lora_B(self.lora_A(a)) * self.scaling
+        # In the activation dtype: casting the small weights is cheaper than casting activations.
+        a = self.lora_dropout(x) @ self.lora_A.weight.to(x.dtype).t()
+        return (a @ self.lora_B.weight.to(x.dtype).t()) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_magnitude_vector is None:
-            return self.base_layer(x) + self.lora_delta(x).to(x.dtype)
+            return self.base_layer(x) + self.lora_delta(x)
         # The magnitude rescales W x + s B A x; a bias (Qwen2, Phi) stays outside the rescaling.
         base = self.base_layer(x)
         scale = self.lora_magnitude_vector / self.base_weight_norm().detach()

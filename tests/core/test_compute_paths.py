@@ -1,4 +1,4 @@
-"""The optimized grouped path equals the plain per-expert loop, in forward and in every gradient."""
+"""The optimized paths (dense, grouped) equal the plain per-expert loop, in forward and in every gradient."""
 
 import pytest
 import torch
@@ -40,14 +40,15 @@ def _run(model_type, overrides, path, ids, mask, seed=0):
     return out.logits.detach(), grads
 
 
+@pytest.mark.parametrize("path", ["dense", "grouped"])
 @pytest.mark.parametrize("model_type,overrides,batch,seq", CASES)
-def test_grouped_equals_loop(model_type, overrides, batch, seq):
+def test_optimized_equals_loop(model_type, overrides, batch, seq, path):
     gen = torch.Generator().manual_seed(11)
     ids = torch.randint(3, VOCAB, (batch, seq), generator=gen)
     mask = torch.ones_like(ids)
     mask[0, -1:] = 0  # padding on the right of the first sequence
     logits_loop, grads_loop = _run(model_type, overrides, "loop", ids, mask)
-    logits_grp, grads_grp = _run(model_type, overrides, "grouped", ids, mask)
+    logits_grp, grads_grp = _run(model_type, overrides, path, ids, mask)
     assert (logits_loop - logits_grp).abs().max().item() <= 1e-5
     assert grads_loop.keys() == grads_grp.keys()
     nonzero = 0
@@ -58,7 +59,8 @@ def test_grouped_equals_loop(model_type, overrides, batch, seq):
     assert nonzero > len(grads_loop) // 2  # gradients actually flowed
 
 
-def test_recompute_changes_nothing():
+@pytest.mark.parametrize("path", ["dense", "grouped"])
+def test_recompute_changes_nothing(path):
     gen = torch.Generator().manual_seed(2)
     ids = torch.randint(3, VOCAB, (2, 8), generator=gen)
     mask = torch.ones_like(ids)
@@ -67,6 +69,7 @@ def test_recompute_changes_nothing():
         model = tiny_model("llama")
         inject_mixlora(model, MixLoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, num_experts=4))
         randomize_adapter(model)
+        set_compute_path(model, path)
         for m in model.modules():
             if hasattr(m, "recompute"):
                 m.recompute = recompute

@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Training-step throughput of LoRA-style adapters on a frozen base: plain PyTorch vs DeepSpeed ZeRO-2/3.
+
+Measures what the training loop ships (``mixlora_ds.train.build.build_model`` + ``deepspeed.initialize``
++ forward/backward/step) on a random LLaMA-2-7B-shaped bf16 model, for the paper's MixLoRA config and
+a LoRA r=80 baseline, and reports per-GPU tokens/s and peak memory as JSON lines.
+
+One case (under a launcher, one process per GPU):
+    torchrun --standalone --nproc_per_node 2 benchmarks/bench_zero.py run --case zero3 --adapter mixlora
+A sweep (spawns one launcher per case and GPU count, prints a table, appends JSON lines to --out):
+    python benchmarks/bench_zero.py sweep --gpus 1,2,4 --cases plain,zero2,zero3_default,zero3 \
+        --adapters lora80,mixlora --out bench_zero.jsonl
+CPU smoke test (tiny model, fp32, gloo):
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python benchmarks/bench_zero.py sweep --model tiny --gpus 1,2 \
+        --cases plain,zero2,zero3 --adapters lora80,mixlora --steps 2 --warmup 1 --micro 1 --seq 64
+
+Cases (ds settings are written out in ``case_ds_config``):
+    plain          one process, no DeepSpeed, torch AdamW (the reference point)
+    zero2          ZeRO-2 as in ds_configs/zero2_bf16.json (frozen base replicated)
+    zero3_default  ZeRO-3 with DeepSpeed's default persistence / prefetch settings
+    zero3          ZeRO-3 as shipped in ds_configs/zero3_bf16.json ("auto" sizes from the hidden size)
+    zero3_big      ZeRO-3 with large persistence / prefetch buckets (lever: fewer, larger gathers)
+    zero3_layer    ZeRO-3 gathering each decoder layer as one leaf module (lever: one gather per layer)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODELS = {
+    "7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "1b": dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
+    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {
+    # The paper's MixLoRA config and its LoRA baseline (Table 3).
+    "mixlora": dict(peft_type="MIXLORA", r=16, lora_alpha=32, lora_dropout=0.05, num_experts=8, top_k=2,
+                    router_aux_loss_coef=0.001, target_modules=TARGETS),
+    "lora80": dict(peft_type="LORA", r=80, lora_alpha=160, lora_dropout=0.05, target_modules=TARGETS),
+}
+CASES = ("plain", "zero2", "zero3_default", "zero3", "zero3_big", "zero3_layer")
+
+
+def case_ds_config(case: str) -> dict:
+    common = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                       "weight_decay": "auto"}}}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if case == "zero2":
+        return dict(common, **json.load(open(os.path.join(here, "ds_configs/zero2_bf16.json"))))
+    if case == "zero3":
+        return dict(common, **json.load(open(os.path.join(here, "ds_configs/zero3_bf16.json"))))
+    z3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True}
+    if case == "zero3_default":
+        return dict(common, zero_optimization=z3)
+    if case == "zero3_big":
+        return dict(common, zero_optimization=dict(z3, stage3_param_persistence_threshold=10**8,
+                                                   stage3_prefetch_bucket_size=5 * 10**8,
+                                                   reduce_bucket_size=5 * 10**8,
+                                                   stage3_max_live_parameters=3 * 10**9,
+                                                   stage3_max_reuse_distance=3 * 10**9))
+    if case == "zero3_layer":
+        return dict(common, zero_optimization=dict(z3, stage3_param_persistence_threshold="auto",
+                                                   stage3_prefetch_bucket_size="auto",
+                                                   reduce_bucket_size="auto"))
+    raise ValueError(case)
+
+
+def make_config(args, world: int):
+    from mixlora_ds.train.config import TrainConfig, load_config
+
+    cfg: TrainConfig = load_config(None)
+    cfg.model.config = dict(MODELS[args.model])
+    cfg.model.attn_implementation = args.attn
+    cfg.model.gradient_checkpointing = args.checkpointing
+    cfg.adapter = dict(ADAPTERS[args.adapter])
+    cfg.batch.micro_batch_size = args.micro
+    cfg.batch.global_batch_size = args.micro * world
+    cfg.optim.impl = "torch"
+    cfg.precision = args.precision
+    cfg.seed = 0
+    return cfg
+
+
+def peak_mem_gb() -> float:
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        return acc.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def synchronize() -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().synchronize()
+
+
+def run_case(args) -> dict:
+    import torch
+
+    from mixlora_ds import dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.case == "plain" and world != 1:
+        raise SystemExit("the plain case runs in one process")
+    dist.init_distributed(10)
+    device = dist.device()
+    cfg = make_config(args, world)
+    from mixlora_ds.train.ds_config import resolve_ds_config, resolve_precision, zero_stage
+
+    precision = resolve_precision(cfg, device.type)
+    from mixlora_ds.train.build import build_model, count_parameters
+
+    torch.manual_seed(0)
+    if args.case == "plain":
+        ds_config, stage = None, 0
+        with torch.device(device):  # random init straight on the device: 7B on CPU takes minutes
+            built = build_model(cfg, {}, precision, stage)
+        model = built.model
+        opt = torch.optim.AdamW([p for _, p in built.trainable], lr=1e-4, weight_decay=0.01)
+    else:
+        import deepspeed
+
+        here_cfg = case_ds_config(args.case)
+        tmp = os.path.join(args.workdir, f"ds_{args.case}_{os.getpid()}.json")
+        os.makedirs(args.workdir, exist_ok=True)
+        json.dump(here_cfg, open(tmp, "w"))
+        cfg.deepspeed.config = tmp
+        ds_config = resolve_ds_config(cfg, world, MODELS[args.model]["hidden_size"], device.type)
+        stage = zero_stage(ds_config)
+        if stage == 3:  # zero.Init places each shard on the device itself
+            built = build_model(cfg, ds_config, precision, stage)
+        else:
+            with torch.device(device):
+                built = build_model(cfg, ds_config, precision, stage)
+        if args.case == "zero3_layer":
+            from deepspeed.utils import set_z3_leaf_modules
+            from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+            set_z3_leaf_modules(built.model, [LlamaDecoderLayer])
+        model, opt, _, _ = deepspeed.initialize(model=built.model,
+                                                model_parameters=[p for _, p in built.trainable],
+                                                config=ds_config)
+    total, trainable = count_parameters(built.model)
+    vocab = MODELS[args.model]["vocab_size"]
+    g = torch.Generator().manual_seed(dist.rank())
+    ids = torch.randint(3, vocab, (args.micro, args.seq), generator=g).to(device)
+
+    def step():
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab),
+                                                 ids[:, 1:].reshape(-1))
+        if args.case == "plain":
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in built.trainable], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            model.backward(loss)
+            model.step()
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    tokens = args.micro * args.seq
+    result = {
+        "case": args.case, "adapter": args.adapter, "model": args.model, "world": world, "micro": args.micro,
+        "seq": args.seq, "precision": precision, "checkpointing": args.checkpointing, "attn": args.attn,
+        "step_ms": round(dt * 1e3, 2), "tokens_per_s_per_gpu": round(tokens / dt, 1),
+        "peak_mem_gb": round(peak_mem_gb(), 2), "params": total, "trainable": trainable,
+        "loss": round(float(loss), 4), "device": device.type,
+    }
+    # Report the slowest rank: a step is as fast as its slowest participant.
+    t = torch.tensor([dt, result["peak_mem_gb"]], dtype=torch.float64, device=device)
+    dist.all_reduce_(t, "max")
+    result["step_ms"] = round(float(t[0]) * 1e3, 2)
+    result["tokens_per_s_per_gpu"] = round(tokens / float(t[0]), 1)
+    result["peak_mem_gb"] = round(float(t[1]), 2)
+    if dist.is_main():
+        print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+def sweep(args) -> None:
+    rows = []
+    port = args.base_port
+    for adapter in args.adapters.split(","):
+        for case in args.cases.split(","):
+            for world in [int(w) for w in args.gpus.split(",")]:
+                if case == "plain" and world != 1:
+                    continue
+                port += 1
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                       "--master_port", str(port), os.path.abspath(__file__), "run", "--case", case,
+                       "--adapter", adapter, "--model", args.model, "--micro", str(args.micro), "--seq",
+                       str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision",
+                       args.precision, "--attn", args.attn, "--workdir", args.workdir]
+                if args.checkpointing:
+                    cmd.append("--checkpointing")
+                env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+                t = time.time()
+                try:
+                    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+                    out = p.stdout + p.stderr
+                except subprocess.TimeoutExpired as e:
+                    out, p = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), None
+                line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+                if line is None:
+                    row = {"case": case, "adapter": adapter, "world": world, "error": out[-2000:] or "timeout"}
+                else:
+                    row = json.loads(line[len("RESULT "):])
+                row["wall_s"] = round(time.time() - t, 1)
+                rows.append(row)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    base = {(r["adapter"]): r["tokens_per_s_per_gpu"] for r in rows if r.get("case") == "plain" and "error" not in r}
+    z2 = {(r["adapter"], r["world"]): r["tokens_per_s_per_gpu"] for r in rows
+          if r.get("case") == "zero2" and "error" not in r}
+    print(f"\n{'adapter':8} {'case':14} {'gpus':>4} {'tok/s/gpu':>10} {'x plain':>8} {'x zero2':>8} {'peak GB':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['adapter']:8} {r['case']:14} {r['world']:>4} ERROR: {r['error'].splitlines()[-1][:60]}")
+            continue
+        tps = r["tokens_per_s_per_gpu"]
+        xp = tps / base[r["adapter"]] if r["adapter"] in base else float("nan")
+        xz = tps / z2[(r["adapter"], r["world"])] if (r["adapter"], r["world"]) in z2 else float("nan")
+        print(f"{r['adapter']:8} {r['case']:14} {r['world']:>4} {tps:>10.1f} {xp:>8.3f} {xz:>8.3f} {r['peak_mem_gb']:>8.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("run", "sweep"):
+        s = sub.add_parser(name)
+        s.add_argument("--model", default="7b", choices=sorted(MODELS))
+        s.add_argument("--micro", type=int, default=4)
+        s.add_argument("--seq", type=int, default=512)
+        s.add_argument("--steps", type=int, default=10)
+        s.add_argument("--warmup", type=int, default=3)
+        s.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+        s.add_argument("--attn", default="sdpa")
+        s.add_argument("--checkpointing", action="store_true", help="activation checkpointing (off by default)")
+        s.add_argument("--workdir", default="/tmp/bench_zero")
+        s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+        if name == "run":
+            s.add_argument("--case", required=True, choices=CASES)
+            s.add_argument("--adapter", default="mixlora", choices=sorted(ADAPTERS))
+        else:
+            s.add_argument("--cases", default="plain,zero2,zero3_default,zero3,zero3_big,zero3_layer")
+            s.add_argument("--adapters", default="lora80,mixlora")
+            s.add_argument("--gpus", default="1,2")
+            s.add_argument("--out", default=None)
+            s.add_argument("--timeout", type=int, default=900)
+            s.add_argument("--base_port", type=int, default=29610)
+    args = p.parse_args()
+    if args.cmd == "run":
+        run_case(args)
+    else:
+        sweep(args)
+
+
+if __name__ == "__main__":
+    main()
