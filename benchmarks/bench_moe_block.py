@@ -50,6 +50,7 @@ def build(variant: str, cfg: LlamaConfig, device: str):
         for stack in block.experts.values():
             stack.lora_B.normal_(0, 0.01)
     block.compute_path = {"loop": "loop", "grouped": "grouped", "masked": "dense"}[variant.split("-")[0]]
+    block.compiled = variant.endswith("compiled")
     return block
 
 
@@ -87,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--variants", default="dense,dense+lora80,masked,masked-bf16,grouped,grouped-bf16,loop,reference")
+    ap.add_argument("--variants", default="dense,dense+lora80,masked,masked-bf16,masked-bf16-compiled,grouped,grouped-bf16,loop,reference")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     cfg = LlamaConfig(hidden_size=64 if args.tiny else 4096, intermediate_size=176 if args.tiny else 11008)

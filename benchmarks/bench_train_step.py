@@ -59,12 +59,14 @@ def attach(variant: str, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return attach_reference(model)
     from mixlora_ds import MixLoraConfig, inject_mixlora
 
-    from mixlora_ds.model.moe import set_compute_path
+    from mixlora_ds.model.moe import moe_blocks, set_compute_path
 
     dtype = torch.bfloat16 if "bf16" in variant else torch.float32
     inject_mixlora(model, MixLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=8, top_k=2,
                                         target_modules=TARGETS), adapter_dtype=dtype)
     set_compute_path(model, "grouped" if "grouped" in variant else "dense")
+    for block in moe_blocks(model):
+        block.compiled = variant.endswith("compiled")
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -161,7 +163,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--variants", default="base,peft-lora,reference,mixlora_ds,mixlora_ds-bf16,mixlora_ds-grouped")
+    ap.add_argument("--variants", default="base,peft-lora,reference,mixlora_ds,mixlora_ds-bf16,mixlora_ds-grouped,mixlora_ds-bf16-compiled")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mixlora_ds.config import LoraSettings
@@ -60,34 +61,14 @@ class ExpertLoraStack(nn.Module):
         low_Pr = grouped_mm(self.dropout(x_PK), A.transpose(1, 2), offs_E)
         return grouped_mm(low_Pr, B.transpose(1, 2), offs_E) * self.scaling
 
-    def _stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """All experts side by side: A as ``[E*r, in]`` and B as ``[E*r, out]``."""
+    def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """All experts side by side for ``dense_pair_math``: A as ``[E*r, in]``, B as ``[E*r, out]``
+        with the LoRA scaling folded in (scaling the small weight saves a pass over activations),
+        and the dropout probability (0 outside training)."""
         E, r, _ = self.lora_A.shape
         A = self.lora_A.to(dtype).reshape(E * r, -1)
-        B = self.lora_B.to(dtype).transpose(1, 2).reshape(E * r, -1)
-        return A, B
-
-    def masked_delta(self, x_TD: torch.Tensor, onehot_TKE: torch.Tensor) -> torch.Tensor:
-        """``s B_e A_e dropout(x_t)`` for each token's K chosen experts, as ``[T, K, out]``.
-
-        Every expert's rank-r code is computed (one GEMM of width E*r), the unchosen ones are zeroed,
-        and one GEMM of depth E*r applies the B matrices. With E*r small the extra arithmetic is
-        free (these GEMMs are memory-bound), and there is no sort, gather or data-dependent shape.
-        """
-        T, K, E = onehot_TKE.shape
-        A, B = self._stacked(x_TD.dtype)
-        code_TEr = (self.dropout(x_TD) @ A.t()).view(T, 1, E, -1)
-        chosen_TKEr = code_TEr * onehot_TKE.unsqueeze(-1)
-        return (chosen_TKEr.reshape(T * K, -1) @ B).view(T, K, -1) * self.scaling
-
-    def masked_delta_mixed(self, h_TKI: torch.Tensor, onehot_TKE: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
-        """``sum_k w_k s B_{e_k} A_{e_k} dropout(h_k)`` per token, as ``[T, out]``."""
-        T, K, E = onehot_TKE.shape
-        A, B = self._stacked(h_TKI.dtype)
-        code_TKEr = (self.dropout(h_TKI) @ A.t()).view(T, K, E, -1)
-        gate_TKE = onehot_TKE * weight_TK.to(h_TKI.dtype).unsqueeze(-1)
-        mixed_TEr = (code_TKEr * gate_TKE.unsqueeze(-1)).sum(dim=1)
-        return (mixed_TEr.reshape(T, -1) @ B) * self.scaling
+        B = self.lora_B.to(dtype).transpose(1, 2).reshape(E * r, -1) * self.scaling
+        return A, B, self.settings.lora_dropout if self.training else 0.0
 
     def expert_delta(self, e: int, x_NK: torch.Tensor) -> torch.Tensor:
         """``s B_e A_e dropout(x)`` for rows that all go to expert ``e``."""
@@ -181,31 +162,70 @@ def ffn_grouped(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routin
     return _finish(ffn, stacks, x_TD, routing, per_pair, pre_dense, recompute)
 
 
+def dense_pair_math(x_TD: torch.Tensor, onehot_TKE: torch.Tensor, weight_TK: torch.Tensor,
+                    pre_dense: list[torch.Tensor], in_loras: list, out_lora, gated: bool, act) -> tuple[torch.Tensor, ...]:
+    """The per-pair part of the masked-dense path, as one pure function (so it can be compiled).
+
+    ``in_loras[i]`` / ``out_lora``: ``(A [E*r, in], B [E*r, out] pre-scaled, dropout p)`` or None.
+    Every expert's rank-r code is computed (one GEMM of width E*r), the unchosen ones are zeroed, and
+    one GEMM of depth E*r applies all B matrices. With E*r small this extra arithmetic is free (the
+    GEMMs are memory-bound), and there is no sort, gather or data-dependent shape.
+    Returns the weight-mixed intermediate ``[T, I]`` and, with an output LoRA, its mixed delta ``[T, D]``.
+    """
+    T, K, E = onehot_TKE.shape
+    pre = []
+    for dense_TF, lora in zip(pre_dense, in_loras):
+        pre_TKF = dense_TF.unsqueeze(1)
+        if lora is not None:
+            A, B, p = lora
+            code_TKEr = (_dropout(x_TD, p) @ A.t()).view(T, 1, E, -1) * onehot_TKE.unsqueeze(-1)
+            pre_TKF = pre_TKF + (code_TKEr.reshape(T * K, -1) @ B).view(T, K, -1)
+        pre.append(pre_TKF.expand(-1, K, -1))
+    if gated:
+        gate, up = pre if len(pre) == 2 else pre[0].chunk(2, dim=-1)
+        h_TKI = act(gate) * up
+    else:
+        h_TKI = act(pre[0])
+    w_TK1 = weight_TK.to(h_TKI.dtype).unsqueeze(-1)
+    mixed_TI = (h_TKI * w_TK1).sum(dim=1)
+    if out_lora is None:
+        return (mixed_TI,)
+    A, B, p = out_lora
+    code_TKEr = (_dropout(h_TKI, p) @ A.t()).view(T, K, E, -1)
+    mixed_code_TEr = (code_TKEr * (onehot_TKE * w_TK1).unsqueeze(-1)).sum(dim=1)
+    return mixed_TI, mixed_code_TEr.reshape(T, -1) @ B
+
+
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(x, p) if p > 0 else x
+
+
+_compiled_pair_math = None
+
+
 def ffn_dense(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing,
-              recompute: bool = True) -> torch.Tensor:
+              recompute: bool = True, compiled: bool = False) -> torch.Tensor:
     """Optimized path without dispatch: pairs stay in token order ``[T, K, ...]`` and each expert
-    LoRA runs as a masked GEMM over all experts (see ``ExpertLoraStack.masked_delta``). Same sharing
-    of W1 x / W3 x and the same W2 fold as ``ffn_grouped``.
+    LoRA runs as a masked GEMM over all experts (``dense_pair_math``). Same sharing of W1 x / W3 x
+    and the same W2 fold as ``ffn_grouped``. ``compiled`` fuses the per-pair element-wise work with
+    ``torch.compile``.
 
     Dropout on the input projections' LoRA input is drawn once per token and shared by its K
     experts (the reference draws one mask per expert); identical in eval mode and in expectation.
     """
+    global _compiled_pair_math
     pre_dense = [ffn.projection(n)(x_TD) for n in ffn.input_names]
     onehot_TKE = torch.nn.functional.one_hot(routing.expert_TK, routing.num_experts).to(x_TD.dtype)
-    weight_TK = routing.weight_TK
+    in_loras = [stacks[n].stacked(x_TD.dtype) if n in stacks else None for n in ffn.input_names]
+    out_lora = stacks[ffn.output_name].stacked(x_TD.dtype) if ffn.output_name in stacks else None
+    math = dense_pair_math
+    if compiled:
+        if _compiled_pair_math is None:
+            _compiled_pair_math = torch.compile(dense_pair_math)
+        math = _compiled_pair_math
 
     def per_pair(x_TD: torch.Tensor, *pre_dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        pre = []
-        for name, dense_TF in zip(ffn.input_names, pre_dense):
-            pre_TKF = dense_TF.unsqueeze(1)
-            if name in stacks:
-                pre_TKF = pre_TKF + stacks[name].masked_delta(x_TD, onehot_TKE)
-            pre.append(pre_TKF.expand(-1, onehot_TKE.shape[1], -1))
-        h_TKI = ffn.activate(pre)
-        mixed_TI = (h_TKI * weight_TK.to(h_TKI.dtype).unsqueeze(-1)).sum(dim=1)
-        if ffn.output_name not in stacks:
-            return (mixed_TI,)
-        return mixed_TI, stacks[ffn.output_name].masked_delta_mixed(h_TKI, onehot_TKE, weight_TK)
+        return math(x_TD, onehot_TKE, routing.weight_TK, list(pre_dense), in_loras, out_lora, ffn.gated, ffn.act)
 
     return _finish(ffn, stacks, x_TD, routing, per_pair, pre_dense, recompute)
 
