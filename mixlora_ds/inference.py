@@ -22,10 +22,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from mixlora_ds.adapter_io import AdapterError
 from mixlora_ds.eval.scoring import encode_prompt, pad_batch, pad_token_id
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The project's embedded default: tiny enough for CPU tests, LLaMA-shaped (GQA, SwiGLU).
@@ -55,10 +54,6 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
     ),
 }
-
-
-class AdapterError(ValueError):
-    """An adapter directory that cannot be loaded into the given model; the message says why."""
 
 
 # ------------------------------------------------------------------------------- device and dtype
@@ -149,9 +144,11 @@ def load_base_model(
         path = Path(name_or_path)
         if not (path / "config.json").is_file():
             raise ValueError(f"{path}: not a model directory (no config.json); a model config goes to model_config")
-        kwargs = {"dtype": dt}
+        kwargs: dict[str, Any] = {"dtype": dt, "local_files_only": True}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
+        if dev.type != "cpu":
+            kwargs["device_map"] = str(dev)  # straight onto the device: no full copy in host memory
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(dev)
     elif model_config is not None:
         model = build_model_from_config(model_config, seed=seed, dtype=dt, device=dev)
@@ -186,20 +183,16 @@ _LORA_KEY = re.compile(
 _GATE_KEY = re.compile(r"layers\.(?P<layer>\d+)\.(?:mlp\.moe_gate|gate)\.weight$")
 
 
-def read_adapter_weights(adapter_dir: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor]]:
-    adapter_dir = Path(adapter_dir)
-    for name in WEIGHT_FILES:
-        path = adapter_dir / name
-        if path.is_file():
-            try:
-                if name.endswith(".safetensors"):
-                    from safetensors.torch import load_file
+def _read_weights(adapter_dir: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    from mixlora_ds.adapter_io import BIN_NAME, SAFETENSORS_NAME, read_adapter_weights
 
-                    return path, load_file(str(path))
-                return path, torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as e:  # a truncated or foreign file
-                raise AdapterError(f"{path}: cannot read adapter weights ({type(e).__name__}: {e})") from None
-    raise AdapterError(f"{adapter_dir}: no adapter weights (expected one of {list(WEIGHT_FILES)})")
+    name = SAFETENSORS_NAME if (adapter_dir / SAFETENSORS_NAME).is_file() else BIN_NAME
+    try:
+        return str(adapter_dir / name), read_adapter_weights(adapter_dir)
+    except AdapterError:
+        raise
+    except Exception as e:  # a truncated or foreign file
+        raise AdapterError(f"{adapter_dir / name}: cannot read adapter weights ({type(e).__name__}: {e})") from None
 
 
 def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
@@ -218,19 +211,14 @@ def check_adapter(model, adapter_dir: str | os.PathLike):
     Checks the files exist and parse, every target projection exists in the model, and every saved
     tensor fits the module it belongs to (layer index, in/out features, rank, router width).
     """
-    from mixlora_ds.config import ConfigError, MixLoraConfig
+    from mixlora_ds.adapter_io import CONFIG_NAME, read_adapter_config
 
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise AdapterError(f"{adapter_dir}: adapter directory not found")
-    config_path = adapter_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise AdapterError(f"{adapter_dir}: missing {CONFIG_FILE}")
-    try:
-        config = MixLoraConfig.from_json(config_path)
-    except ConfigError as e:
-        raise AdapterError(str(e)) from None
-    weights_path, weights = read_adapter_weights(adapter_dir)
+    config_path = adapter_dir / CONFIG_NAME
+    config = read_adapter_config(adapter_dir)
+    weights_path, weights = _read_weights(adapter_dir)
     if not weights:
         raise AdapterError(f"{weights_path}: holds no tensors")
 
@@ -323,8 +311,8 @@ def load_for_inference(
     """``(model, tokenizer)`` ready for scoring or generation (eval mode, no gradients).
 
     The tokenizer comes from ``tokenizer``, else the base directory, else the adapter directory.
-    The adapter is loaded onto the CPU copy of the base and the whole model is moved afterwards, so
-    the adapter keeps the dtype the core gives it (fp32 router and LoRA weights).
+    The base is loaded in ``dtype`` on the device; the adapter's tensors are created beside it in the
+    dtype the core gives them (fp32 router and LoRA weights, as the reference keeps them).
     """
     tok_dir = find_tokenizer_dir(tokenizer, base, adapter)
     if tok_dir is None:
@@ -332,14 +320,14 @@ def load_for_inference(
     tok = load_tokenizer(tok_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model = load_base_model(base, model_config=model_config, seed=seed, dtype=dt, device="cpu")
+    model = load_base_model(base, model_config=model_config, seed=seed, dtype=dt, device=dev)
     if len(tok) > model.config.vocab_size:
         raise ValueError(
             f"tokenizer {tok_dir} has {len(tok)} tokens but the model's vocabulary is {model.config.vocab_size}"
         )
     if adapter is not None:
         model = attach_adapter(model, adapter)
-    return model.to(dev), tok
+    return model, tok
 
 
 # ----------------------------------------------------------------------------------- generation

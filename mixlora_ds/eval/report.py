@@ -6,7 +6,6 @@ Files are written to a temporary name and renamed, so a crash never leaves a hal
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -96,7 +95,3 @@ def write_tensorboard(log_dir: str | os.PathLike, results: Sequence[Any], *, ste
             writer.add_scalar(f"{prefix}/average_accuracy", sum(accs) / len(accs), step)
     finally:
         writer.close()
-
-
-def finite(x: float) -> float | None:
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

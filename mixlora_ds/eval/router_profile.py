@@ -26,10 +26,11 @@ import torch.nn as nn
 
 
 class ExpertLoadProfiler:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module | None):
+        """``model=None`` (or a model without MixLoRA blocks) gives a profiler that records nothing."""
         from mixlora_ds.model.moe import moe_blocks
 
-        self.num_layers = len(moe_blocks(model))
+        self.num_layers = len(moe_blocks(model)) if model is not None else 0
         self.counts_LE: torch.Tensor | None = None
         self.entropy_sum_L: torch.Tensor | None = None
         self.tokens = 0.0

@@ -15,7 +15,6 @@ is gathered explicitly.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,13 +23,27 @@ import torch.nn.functional as F
 
 
 # ------------------------------------------------------------------------------------ tokenising
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts in front of a text by itself (BOS for LLaMA, nothing for GPT-2).
+
+    Training data is tokenised with the tokenizer's own special tokens, so prompts here start the
+    same way; what it would append (an EOS, for some tokenizers) is left off: a prompt is followed
+    by its answer, not by the end of the text.
+    """
+    probe = "x"
+    bare = list(tokenizer.encode(probe, add_special_tokens=False))
+    full = list(tokenizer.encode(probe, add_special_tokens=True))
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return full[:i]
+    return []
+
+
 def encode_prompt(tokenizer, text: str, *, add_bos: bool = True) -> list[int]:
-    """Token ids of a prompt: BOS (when the tokenizer has one) and no EOS, as the reference encodes."""
+    """Token ids of a prompt: the tokenizer's leading special tokens (``add_bos``) and no EOS, which is
+    how the reference encodes prompts with LLaMA tokenizers (BOS, no EOS)."""
     ids = list(tokenizer.encode(text, add_special_tokens=False))
-    bos = tokenizer.bos_token_id
-    if add_bos and bos is not None:
-        ids.insert(0, bos)
-    return ids
+    return special_prefix(tokenizer) + ids if add_bos else ids
 
 
 def truncate(ids: list[int], max_length: int, side: str) -> list[int]:
@@ -48,20 +61,13 @@ def truncate(ids: list[int], max_length: int, side: str) -> list[int]:
 def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
     """The reference's label token per label: last id of ``encode(" " + label)``.
 
-    Raises when two labels map to one token (the argmax could then never tell them apart) and warns
-    when a label spans several tokens (only its last piece is scored; log-likelihood scoring sees all).
+    Raises when two labels map to one token: the argmax could never tell them apart.
     """
     ids: list[int] = []
     for label in labels:
         enc = tokenizer.encode(" " + label, add_special_tokens=False)
         if not enc:
             raise ValueError(f"label {label!r} encodes to no token")
-        if len(enc) > 1 and tokenizer.convert_ids_to_tokens(enc[0]) not in ("▁", "Ġ", " "):
-            warnings.warn(
-                f"label {label!r} is {len(enc)} tokens {tokenizer.convert_ids_to_tokens(enc)}; "
-                "label-logit scoring uses only the last one",
-                stacklevel=2,
-            )
         ids.append(enc[-1])
     seen: dict[int, str] = {}
     for label, i in zip(labels, ids):
@@ -72,6 +78,22 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
             )
         seen[i] = label
     return ids
+
+
+def label_context_mismatches(tokenizer, labels: Sequence[str], label_ids: Sequence[int], prompt: str) -> list[str]:
+    """Labels whose token does not directly follow ``prompt`` in ``prompt + " " + label``.
+
+    That happens with small vocabularies where " A" is two tokens (a lone space token, then "A"):
+    the model's next token after "Answer:" is then the space for every label, and label-logit
+    scoring reads the wrong position. Log-likelihood scoring is unaffected.
+    """
+    ctx = encode_prompt(tokenizer, prompt, add_bos=False)
+    bad = []
+    for label, label_id in zip(labels, label_ids):
+        whole = encode_prompt(tokenizer, prompt + " " + label, add_bos=False)
+        if whole[: len(ctx)] != ctx or len(whole) != len(ctx) + 1 or whole[-1] != label_id:
+            bad.append(label)
+    return bad
 
 
 # ------------------------------------------------------------------------------------- batching

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-BUILTIN_TASKS = ("arc-e", "arc-c", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
+from mixlora_ds.data.templates import TASKS
+
+BUILTIN_TASKS: tuple[str, ...] = tuple(TASKS)
 
 
 class TaskError(ValueError):
@@ -95,12 +97,6 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
 
 
 # -------------------------------------------------------------------------------- built-in tasks
-def _templates():
-    from mixlora_ds.data import templates
-
-    return templates
-
-
 def boolq_passage_prompt(spec: Any, record: dict[str, Any], where: str) -> str:
     """The corrected BoolQ prompt: the passage, then the reference prompt unchanged.
 
@@ -121,10 +117,9 @@ def builtin_task(
     boolq_passage: bool = False,
     limit: int | None = None,
 ) -> EvalTask:
-    templates = _templates()
-    if name not in templates.TASKS:
-        raise TaskError(f"unknown task {name!r}; known tasks: {sorted(templates.TASKS)} (or a custom JSONL)")
-    spec = templates.TASKS[name]
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; known tasks: {sorted(TASKS)} (or a custom JSONL)")
+    spec = TASKS[name]
     records = read_records(path)[:limit]
     examples = []
     for i, (where, rec) in enumerate(records):
@@ -256,6 +251,8 @@ def load_task(
     limit: int | None = None,
 ) -> EvalTask:
     """One task from one file: a built-in task by name, or a custom multiple-choice task."""
+    if limit is not None and limit < 1:
+        raise TaskError(f"limit must be >= 1, got {limit}")
     if custom:
         return custom_task(name, path, limit=limit)
     if name not in BUILTIN_TASKS:
