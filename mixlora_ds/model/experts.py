@@ -64,11 +64,21 @@ class ExpertLoraStack(nn.Module):
     def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
         """All experts side by side for ``dense_pair_math``: A as ``[E*r, in]``, B as ``[E*r, out]``
         with the LoRA scaling folded in (scaling the small weight saves a pass over activations),
-        and the dropout probability (0 outside training)."""
+        and the dropout probability (0 outside training). Without autograd (inference) the result is
+        cached until the weights change, so decoding does not redo it for every token."""
+        p = self.settings.lora_dropout if self.training else 0.0
+        if torch.is_grad_enabled():
+            return (*self._stack(dtype), p)
+        key = (dtype, self.lora_A._version, self.lora_B._version, self.lora_A.data_ptr(), self.lora_B.data_ptr())
+        if getattr(self, "_inference_cache", (None,))[0] != key:
+            self._inference_cache = (key, self._stack(dtype))
+        return (*self._inference_cache[1], p)
+
+    def _stack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         E, r, _ = self.lora_A.shape
         A = self.lora_A.to(dtype).reshape(E * r, -1)
-        B = self.lora_B.to(dtype).transpose(1, 2).reshape(E * r, -1) * self.scaling
-        return A, B, self.settings.lora_dropout if self.training else 0.0
+        B = (self.lora_B.to(dtype).transpose(1, 2).reshape(E * r, -1) * self.scaling).contiguous()
+        return A, B
 
     def expert_delta(self, e: int, x_NK: torch.Tensor) -> torch.Tensor:
         """``s B_e A_e dropout(x)`` for rows that all go to expert ``e``."""
@@ -200,32 +210,50 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(x, p) if p > 0 else x
 
 
-_compiled_pair_math = None
+_compiled_pair_math = None  # None: not built yet; False: compilation failed, stay eager
+
+
+def _compiled():
+    global _compiled_pair_math
+    if _compiled_pair_math is None:
+        _compiled_pair_math = torch.compile(dense_pair_math)
+    return _compiled_pair_math
+
+
+def _disable_compile(error: Exception) -> None:
+    global _compiled_pair_math
+    import warnings
+
+    warnings.warn(f"torch.compile of the MixLoRA pair math failed ({error!r}); using eager mode")
+    _compiled_pair_math = False
 
 
 def ffn_dense(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing,
-              recompute: bool = True, compiled: bool = False) -> torch.Tensor:
+              recompute: bool = True, compiled: bool | None = None) -> torch.Tensor:
     """Optimized path without dispatch: pairs stay in token order ``[T, K, ...]`` and each expert
     LoRA runs as a masked GEMM over all experts (``dense_pair_math``). Same sharing of W1 x / W3 x
     and the same W2 fold as ``ffn_grouped``. ``compiled`` fuses the per-pair element-wise work with
-    ``torch.compile``.
+    ``torch.compile`` (None: on CUDA devices only).
 
     Dropout on the input projections' LoRA input is drawn once per token and shared by its K
     experts (the reference draws one mask per expert); identical in eval mode and in expectation.
     """
-    global _compiled_pair_math
     pre_dense = [ffn.projection(n)(x_TD) for n in ffn.input_names]
     onehot_TKE = torch.nn.functional.one_hot(routing.expert_TK, routing.num_experts).to(x_TD.dtype)
     in_loras = [stacks[n].stacked(x_TD.dtype) if n in stacks else None for n in ffn.input_names]
     out_lora = stacks[ffn.output_name].stacked(x_TD.dtype) if ffn.output_name in stacks else None
-    math = dense_pair_math
-    if compiled:
-        if _compiled_pair_math is None:
-            _compiled_pair_math = torch.compile(dense_pair_math)
-        math = _compiled_pair_math
+    if compiled is None:  # auto: fuse on GPUs, where launch count and memory passes dominate
+        compiled = x_TD.is_cuda
+    args = (onehot_TKE, routing.weight_TK)
+    statics = (in_loras, out_lora, ffn.gated, ffn.act)
 
     def per_pair(x_TD: torch.Tensor, *pre_dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return math(x_TD, onehot_TKE, routing.weight_TK, list(pre_dense), in_loras, out_lora, ffn.gated, ffn.act)
+        if compiled and _compiled_pair_math is not False:
+            try:
+                return _compiled()(x_TD, *args, list(pre_dense), *statics)
+            except torch._dynamo.exc.TorchDynamoException as e:  # no working compiler: eager, once, loudly
+                _disable_compile(e)
+        return dense_pair_math(x_TD, *args, list(pre_dense), *statics)
 
     return _finish(ffn, stacks, x_TD, routing, per_pair, pre_dense, recompute)
 

@@ -54,8 +54,18 @@ class LoraLinear(nn.Module):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         # In the activation dtype: casting the small weights is cheaper than casting activations.
-        a = self.lora_dropout(x) @ self.lora_A.weight.to(x.dtype).t()
-        return (a @ self.lora_B.weight.to(x.dtype).t()) * self.scaling
+        A, B = self._weights(x.dtype)
+        return (self.lora_dropout(x) @ A) @ B
+
+    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A^T and s*B^T in ``dtype``; cached without autograd (inference) until the weights change."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        if torch.is_grad_enabled():
+            return A.to(dtype).t(), (B.to(dtype) * self.scaling).t()
+        key = (dtype, A._version, B._version, A.data_ptr(), B.data_ptr())
+        if getattr(self, "_inference_cache", (None,))[0] != key:
+            self._inference_cache = (key, (A.to(dtype).t().contiguous(), (B.to(dtype) * self.scaling).t().contiguous()))
+        return self._inference_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_magnitude_vector is None:

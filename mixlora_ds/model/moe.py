@@ -53,8 +53,8 @@ class MixLoraMoeBlock(nn.Module):
         with the shared down projection."""
         self.recompute = True
         """Recompute per-pair intermediates in backward instead of storing them."""
-        self.compiled = False
-        """Fuse the dense path's per-pair element-wise work with torch.compile (GPU training)."""
+        self.compiled: bool | None = None
+        """Fuse the dense path's per-pair element-wise work with torch.compile; None = on CUDA only."""
         self.ffn_dropout = nn.Dropout(config.ffn_dropout) if config.ffn_dropout > 0 else nn.Identity()
         self.last_routing: Routing | None = None
 
@@ -85,12 +85,13 @@ def moe_blocks(model: nn.Module) -> list[MixLoraMoeBlock]:
     return [m for m in model.modules() if isinstance(m, MixLoraMoeBlock)]
 
 
-def set_compute_path(model: nn.Module, path: str, compiled: bool = False) -> None:
+def set_compute_path(model: nn.Module, path: str, compiled: bool | None = None) -> None:
     """Choose how every MixLoRA block computes its experts; ``compiled`` (dense path only) fuses the
-    per-pair element-wise work with torch.compile, worth ~5% of a 7B training step on an H100."""
+    per-pair element-wise work with torch.compile, worth ~5% of a 7B training step on an H100
+    (None: on CUDA devices only, the default)."""
     if path not in COMPUTE_PATHS:
         raise ValueError(f"compute path must be one of {COMPUTE_PATHS}, got {path!r}")
-    if compiled and path != "dense":
+    if compiled and path != "dense":  # None and False are fine for any path
         raise ValueError("compiled=True applies to the 'dense' compute path only")
     for block in moe_blocks(model):
         if path != "loop" and block.config.expert_settings().use_dora:

@@ -58,3 +58,21 @@ def test_inject_reads_no_weight_values():
         model = AutoModelForCausalLM.from_config(tiny_config("llama"))
     inject_mixlora(model, MixLoraConfig(r=4, lora_alpha=8, num_experts=4))
     assert model.model.layers[0].mlp.experts["up_proj"].lora_A.shape == (4, 4, 64)
+
+
+def test_inference_weight_cache_follows_weight_updates():
+    """Without autograd the prepared adapter weights are cached; an in-place update must invalidate them."""
+    from tests.core.tiny_models import randomize_adapter
+
+    model = tiny_model("llama")
+    inject_mixlora(model, MixLoraConfig(r=4, lora_alpha=8, num_experts=4))
+    model.eval()
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    randomize_adapter(model, seed=7)  # in-place copy_ into every adapter tensor
+    with torch.no_grad():
+        cached = model(ids).logits
+    fresh = model(ids).logits.detach()  # grad-enabled forward never uses the cache
+    assert not torch.allclose(before, cached)
+    assert torch.allclose(cached, fresh, atol=1e-6)
