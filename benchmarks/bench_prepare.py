@@ -13,13 +13,17 @@ measures tokens per second of:
   tokenizer    the ceiling: the fast tokenizer alone on the already-rendered texts held in
                memory, batched, with its own thread pool on the same cores; both the usual
                tok(list_of_texts) call and the Rust backend's encode_batch (what prepare calls)
-  naive        datasets.Dataset.from_json + a per-example .map(num_proc=N) that renders and
-               tokenizes each record, then Python-level padding of every example to seq_len
+  naive        datasets.Dataset.from_json + a per-example .map(num_proc=N) that renders each
+               record and tokenizes it (the full text, and the prompt alone for the label mask,
+               as Alpaca-LoRA does), then Python-level concatenation of the examples in order
+               into rows of seq_len, each row padded
 
 Tokenizer and prepare runs are interleaved for --rounds rounds and the median is reported (the
-machine may be shared). Peak memory is the summed PSS of the process tree, for prepare at two
-input sizes (--mb and --mb-small): it should stay flat as the input grows. Tokens are counted
-the same way everywhere (BOS + text, no EOS). Results go to stdout and --json.
+machine may be shared). Besides tokens per second of wall time, every measurement reports
+tokens per CPU-second (all threads and worker processes), which a busy machine disturbs much
+less. Peak memory is the summed PSS of the process tree, measured in separate runs, for prepare
+at two input sizes (--mb and --mb-small): it should stay flat as the input grows. Tokens are
+counted the same way everywhere (BOS + text, no EOS). Results go to stdout and --json.
 """
 
 from __future__ import annotations
@@ -179,29 +183,41 @@ class PeakMemory:
         return self.peak
 
 
+def _measured(cmd: list[str], measure_memory: bool) -> tuple[str, int, float, int]:
+    """Run a command; (combined output, return code, wall seconds, peak PSS bytes or 0)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Sampling PSS walks the page tables of every process of the tree, which slows the
+    # measured processes down: timing runs are made without it.
+    meter = PeakMemory(proc.pid) if measure_memory else None
+    output, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    return output, proc.returncode, wall, meter.stop() if meter else 0
+
+
 def run_prepare(inputs: list[tuple[Path, str]], tokenizer: Path, out: Path, seq_len: int,
-                num_proc: int) -> dict[str, Any]:
+                num_proc: int, measure_memory: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, str(REPO / "data_prep" / "prepare.py"), "--tokenizer", str(tokenizer),
            "--seq-len", str(seq_len), "--out", str(out), "--num-proc", str(num_proc),
            "--overwrite", "--no-progress", "--no-eos"]
     for path, task in inputs:
         cmd += ["--input", f"{path}:{task}"]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    meter = PeakMemory(proc.pid)
-    output, _ = proc.communicate()
-    wall = time.perf_counter() - t0
-    peak = meter.stop()
-    if proc.returncode != 0:
+    output, code, wall, peak = _measured(cmd, measure_memory)
+    if code != 0:
         raise RuntimeError(f"prepare failed:\n{output}")
     manifest = json.loads((out / "manifest.json").read_text())
     tokens = manifest["splits"]["train"]["tokens"]
-    # prepare's own clock (from its start to the rename), as printed in its summary line.
-    inner = float(re.findall(r"\d+ tokens in ([\d.]+) s", output)[-1])
-    return {"tokens": tokens, "seconds": inner, "wall_seconds_with_startup": wall,
-            "tokens_per_s": tokens / inner, "peak_pss_mb": peak / 2**20,
-            "packing_efficiency": manifest["splits"]["train"]["packing_efficiency"],
-            "rows": manifest["splits"]["train"]["rows"], "log_tail": output.strip()[-400:]}
+    # prepare's own clocks (from its start to the rename), as printed in its summary line.
+    seconds, cpu = map(float, re.findall(r"\d+ tokens in ([\d.]+) s .*, ([\d.]+) CPU s",
+                                         output)[-1])
+    result = {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu,
+              "wall_seconds_with_startup": wall, "tokens_per_s": tokens / seconds,
+              "tokens_per_cpu_s": tokens / cpu,
+              "packing_efficiency": manifest["splits"]["train"]["packing_efficiency"],
+              "rows": manifest["splits"]["train"]["rows"]}
+    if measure_memory:
+        result["peak_pss_mb"] = peak / 2**20
+    return result
 
 
 def run_tokenizer_alone(texts: list[str], tokenizer: Path, raw: bool,
@@ -215,22 +231,25 @@ def run_tokenizer_alone(texts: list[str], tokenizer: Path, raw: bool,
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
     backend = tok.backend_tokenizer
     tok(texts[:batch])  # start the thread pool
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()  # process_time: all threads
     tokens = 0
     for i in range(0, len(texts), batch):
         if raw:
             tokens += sum(len(e.ids) for e in backend.encode_batch(texts[i:i + batch]))
         else:
             tokens += sum(map(len, tok(texts[i:i + batch])["input_ids"]))
-    seconds = time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu,
+            "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu}
 
 
 def run_naive(inputs: list[tuple[Path, str]], tokenizer: Path, seq_len: int,
-              num_proc: int, cache_dir: Path) -> dict[str, Any]:
-    """The plain way: datasets.map one example at a time, then pad every example."""
+              num_proc: int, cache_dir: Path, measure_memory: bool = False) -> dict[str, Any]:
+    """The plain way (as in Alpaca-LoRA's generate_and_tokenize_prompt): datasets.map one
+    example at a time, tokenizing the full text and the prompt alone to mask the prompt in the
+    labels; then examples concatenated in order into rows of seq_len, each row padded."""
     code = f"""
-import json, os, sys, time
+import json, os, resource, sys, time
 import numpy as np
 os.environ["HF_DATASETS_CACHE"] = {str(cache_dir)!r}
 import datasets
@@ -239,38 +258,51 @@ from transformers import AutoTokenizer
 from mixlora_ds.data.templates import TASKS, instruction_segments
 tok = AutoTokenizer.from_pretrained({str(tokenizer)!r})
 inputs = {[(str(p), t) for p, t in inputs]!r}
-t0 = time.perf_counter()
-rows, total = [], 0
+S = {seq_len}
+def cpu():
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ch.ru_utime + ch.ru_stime
+t0, c0 = time.perf_counter(), cpu()
+rows, labels, total = [], [], 0
+row, row_labels = [], []
 for path, task in inputs:
     ds = datasets.Dataset.from_json(path, cache_dir={str(cache_dir)!r})
     spec = TASKS.get(task)
     def fn(rec, spec=spec):
         rec = dict(rec)  # datasets hands over a lazy row view
         if spec is not None:
-            text = spec.build_prompt(rec) + spec.completion(rec)
+            prompt, answer = spec.build_prompt(rec), spec.completion(rec)
         else:
-            text = "".join(t for t, _ in instruction_segments(rec))
-        ids = tok(text)["input_ids"]
-        return {{"input_ids": ids, "labels": list(ids)}}
+            segments = instruction_segments(rec)
+            prompt, answer = "".join(t for t, _ in segments[:-1]), segments[-1][0]
+        ids = tok(prompt + answer)["input_ids"][:S]
+        n_prompt = len(tok(prompt)["input_ids"])
+        return {{"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}}
     ds = ds.map(fn, num_proc={num_proc}, remove_columns=ds.column_names)
     for ex in ds:
-        ids = ex["input_ids"][:{seq_len}]
+        ids, lab = ex["input_ids"], ex["labels"][:len(ex["input_ids"])]
         total += len(ids)
-        rows.append(ids + [0] * ({seq_len} - len(ids)))
+        if len(row) + len(ids) > S:
+            rows.append(row + [0] * (S - len(row)))
+            labels.append(row_labels + [-100] * (S - len(row)))
+            row, row_labels = [], []
+        row += ids
+        row_labels += lab
+rows.append(row + [0] * (S - len(row)))
+labels.append(row_labels + [-100] * (S - len(row)))
+lab_arr = np.asarray(labels, dtype=np.int32)
 arr = np.asarray(rows, dtype=np.int32)
-seconds = time.perf_counter() - t0
-print(json.dumps({{"tokens": total, "seconds": seconds, "tokens_per_s": total / seconds,
+seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
+print(json.dumps({{"tokens": total, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                  "tokens_per_s": total / seconds, "tokens_per_cpu_s": total / cpu_seconds,
                   "rows": arr.shape[0]}}))
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    meter = PeakMemory(proc.pid)
-    out, err = proc.communicate()
-    peak = meter.stop()
-    if proc.returncode != 0:
-        raise RuntimeError(f"naive baseline failed:\n{err[-3000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_pss_mb"] = peak / 2**20
+    output, returncode, _, peak = _measured([sys.executable, "-c", code], measure_memory)
+    if returncode != 0:
+        raise RuntimeError(f"naive baseline failed:\n{output[-3000:]}")
+    result = json.loads(output.strip().splitlines()[-1])
+    if measure_memory:
+        result["peak_pss_mb"] = peak / 2**20
     return result
 
 
@@ -339,38 +371,45 @@ def main(argv: list[str] | None = None) -> int:
     del texts
     for key, values in runs.items():
         results[key] = _median(values)
-    results["prepare_small"] = run_prepare(small, tok_dir, work / "out_small", args.seq_len,
-                                           args.num_proc)
     results["prepare_1proc"] = run_prepare(big, tok_dir, work / "out_big", args.seq_len, 1)
     if not args.skip_naive:
         results["naive"] = run_naive(big, tok_dir, args.seq_len, args.num_proc,
                                      work / "hf_cache")
+    # Memory, in separate runs (sampling it slows the measured processes).
+    results["memory_prepare_small"] = run_prepare(small, tok_dir, work / "out_small",
+                                                  args.seq_len, args.num_proc, True)
+    results["memory_prepare_big"] = run_prepare(big, tok_dir, work / "out_big", args.seq_len,
+                                                args.num_proc, True)
+    if not args.skip_naive:
+        results["memory_naive"] = run_naive(big, tok_dir, args.seq_len, args.num_proc,
+                                            work / "hf_cache", True)
     results["loadavg_after"] = os.getloadavg()
 
     rate = results["prepare"]["tokens_per_s"]
-    lines = [f"{'measurement':<44} {'tokens/s':>11}  {'x prepare':>9}",
-             f"{'tokenizer alone, tok(texts) batched':<44} "
-             f"{results['tokenizer_hf']['tokens_per_s']:>11,.0f}  "
-             f"{rate / results['tokenizer_hf']['tokens_per_s']:>9.2f}",
-             f"{'tokenizer alone, backend encode_batch':<44} "
-             f"{results['tokenizer_raw']['tokens_per_s']:>11,.0f}  "
-             f"{rate / results['tokenizer_raw']['tokens_per_s']:>9.2f}",
-             f"{f'prepare --num-proc {args.num_proc}':<44} {rate:>11,.0f}  {1:>9.2f}",
-             f"{'prepare --num-proc 1':<44} "
-             f"{results['prepare_1proc']['tokens_per_s']:>11,.0f}  "
-             f"{rate / results['prepare_1proc']['tokens_per_s']:>9.2f}"]
-    if "naive" in results:
-        lines.append(f"{'naive datasets.map + padding':<44} "
-                     f"{results['naive']['tokens_per_s']:>11,.0f}  "
-                     f"{rate / results['naive']['tokens_per_s']:>9.2f}")
-    lines.append(f"peak memory (PSS, process tree) of prepare: "
-                 f"{results['prepare_small']['peak_pss_mb']:.0f} MB at {small_mb:.0f} MB input, "
-                 f"{results['prepare']['peak_pss_mb']:.0f} MB at {corpus_mb:.0f} MB input")
-    if "naive" in results:
-        lines.append(f"peak memory of the naive baseline: {results['naive']['peak_pss_mb']:.0f} MB"
-                     f" at {corpus_mb:.0f} MB input")
-    lines.append(f"packing efficiency {results['prepare']['packing_efficiency']:.4f}; "
-                 f"load average before {load}, after {results['loadavg_after']}")
+    cpu_rate = results["prepare"]["tokens_per_cpu_s"]
+    rows = [("tokenizer alone, tok(texts) batched", "tokenizer_hf"),
+            ("tokenizer alone, backend encode_batch", "tokenizer_raw"),
+            (f"prepare --num-proc {args.num_proc} (median)", "prepare"),
+            ("prepare --num-proc 1", "prepare_1proc"),
+            (f"naive datasets.map(num_proc={args.num_proc}) + concat/pad", "naive")]
+    lines = [f"{'measurement':<46} {'tokens/s':>10} {'prepare/it':>10} {'tok/CPU-s':>10} "
+             f"{'prepare/it':>10}"]
+    for label, key in rows:
+        if key in results:
+            r = results[key]
+            lines.append(f"{label:<46} {r['tokens_per_s']:>10,.0f} "
+                         f"{rate / r['tokens_per_s']:>10.2f} {r['tokens_per_cpu_s']:>10,.0f} "
+                         f"{cpu_rate / r['tokens_per_cpu_s']:>10.2f}")
+    lines.append(f"peak memory (PSS of the process tree) of prepare: "
+                 f"{results['memory_prepare_small']['peak_pss_mb']:.0f} MB at {small_mb:.1f} MB "
+                 f"input, {results['memory_prepare_big']['peak_pss_mb']:.0f} MB at "
+                 f"{corpus_mb:.1f} MB input")
+    if "memory_naive" in results:
+        lines.append(f"peak memory of the naive baseline: "
+                     f"{results['memory_naive']['peak_pss_mb']:.0f} MB at {corpus_mb:.1f} MB")
+    lines.append(f"{results['prepare']['tokens']:,} tokens, packing efficiency "
+                 f"{results['prepare']['packing_efficiency']:.4f}; load average before {load}, "
+                 f"after {results['loadavg_after']}")
     print("\n".join(lines))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,179 @@
+"""On-disk layout of prepared data, written atomically, and read back memory-mapped.
+
+    OUT/manifest.json
+    OUT/<split>/<shard:05d>/input_ids.npy      [R, S] uint16|int32   token ids, pad_id after the
+                                                                     last example of a row
+    OUT/<split>/<shard:05d>/loss_mask.npy      [R, S] uint8          1 = trained token
+    OUT/<split>/<shard:05d>/row_ptr.npy        [R+1] int64           examples of row r:
+                                                                     row_ptr[r]:row_ptr[r+1]
+    OUT/<split>/<shard:05d>/example_lens.npy   [N] int32             example lengths, row order
+    OUT/<split>/<shard:05d>/example_tasks.npy  [N] int16             task id (manifest "tasks")
+    OUT/<split>/<shard:05d>/example_sources.npy [N] int32            input index (manifest)
+    OUT/<split>/<shard:05d>/example_ordinals.npy [N] int64           record index in that input
+
+Everything is written under a temporary sibling directory that is renamed to OUT only after the
+manifest is written, so a failed or interrupted run never leaves a directory that looks complete
+and never touches an earlier OUT. No timestamps or process-dependent values are written: the same
+inputs and settings give byte-identical output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from mixlora_ds.data.errors import DataError
+from mixlora_ds.data.packing import PackedRows
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+ROW_FILES = ("input_ids", "loss_mask")
+EXAMPLE_FILES = ("example_lens", "example_tasks", "example_sources", "example_ordinals")
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``out``; on success it replaces ``out``.
+
+    On any exception the temporary directory is removed and ``out`` is left as it was."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out}: output directory already exists (pass --overwrite to replace "
+                        f"it)", reason="exists", field="out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if out.exists():
+            # Two renames: OUT is either the old complete output or the new one, never partial.
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    # Data must be on disk before the rename publishes it (a crash could otherwise leave a
+    # complete-looking directory of truncated files).
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+class ShardWriter:
+    """Accumulates packed rows of one split and writes shards of ``rows_per_shard`` rows."""
+
+    def __init__(self, split_dir: Path, rows_per_shard: int) -> None:
+        self.split_dir = split_dir
+        self.rows_per_shard = rows_per_shard
+        self.shards: list[dict[str, Any]] = []
+        self._parts: list[PackedRows] = []
+        self._rows = 0
+
+    def add(self, rows: PackedRows) -> None:
+        self._parts.append(rows)
+        self._rows += rows.num_rows
+        while self._rows >= self.rows_per_shard:
+            self._write(self.rows_per_shard)
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._rows:
+            self._write(self._rows)
+        return self.shards
+
+    def _write(self, num_rows: int) -> None:
+        merged = _concat_rows(self._parts)
+        head, tail = _split_rows(merged, num_rows)
+        self._parts = [tail] if tail.num_rows else []
+        self._rows = tail.num_rows
+        name = f"{len(self.shards):05d}"
+        d = self.split_dir / name
+        d.mkdir(parents=True)
+        np.save(d / "input_ids.npy", head.input_ids_RS)
+        np.save(d / "loss_mask.npy", head.loss_mask_RS)
+        np.save(d / "row_ptr.npy", head.row_ptr)
+        np.save(d / "example_lens.npy", head.example_lens)
+        np.save(d / "example_tasks.npy", head.example_tasks)
+        np.save(d / "example_sources.npy", head.example_sources)
+        np.save(d / "example_ordinals.npy", head.example_ordinals)
+        self.shards.append({"name": name, "rows": head.num_rows,
+                            "examples": int(head.example_lens.shape[0])})
+
+
+def _concat_rows(parts: list[PackedRows]) -> PackedRows:
+    if len(parts) == 1:
+        return parts[0]
+    ptrs, offset = [np.zeros(1, dtype=np.int64)], 0
+    for p in parts:
+        ptrs.append(p.row_ptr[1:] + offset)
+        offset += int(p.row_ptr[-1])
+    return PackedRows(
+        input_ids_RS=np.concatenate([p.input_ids_RS for p in parts]),
+        loss_mask_RS=np.concatenate([p.loss_mask_RS for p in parts]),
+        row_ptr=np.concatenate(ptrs),
+        example_lens=np.concatenate([p.example_lens for p in parts]),
+        example_tasks=np.concatenate([p.example_tasks for p in parts]),
+        example_sources=np.concatenate([p.example_sources for p in parts]),
+        example_ordinals=np.concatenate([p.example_ordinals for p in parts]),
+    )
+
+
+def _split_rows(rows: PackedRows, k: int) -> tuple[PackedRows, PackedRows]:
+    e = int(rows.row_ptr[k])
+
+    def part(r0: int, r1: int, e0: int, e1: int) -> PackedRows:
+        return PackedRows(rows.input_ids_RS[r0:r1], rows.loss_mask_RS[r0:r1],
+                          rows.row_ptr[r0:r1 + 1] - rows.row_ptr[r0], rows.example_lens[e0:e1],
+                          rows.example_tasks[e0:e1], rows.example_sources[e0:e1],
+                          rows.example_ordinals[e0:e1])
+
+    return part(0, k, 0, e), part(k, rows.num_rows, e, int(rows.row_ptr[-1]))
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    (out / MANIFEST).write_text(text, encoding="utf-8")
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{data_dir}: not a prepared data directory (no {MANIFEST}); run "
+                        f"mixlora-prepare first", reason="missing_file")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: unreadable manifest: {e}", reason="bad_json") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: field 'format_version': {manifest.get('format_version')!r} "
+                        f"is not supported (expected {FORMAT_VERSION})", reason="bad_value",
+                        field="format_version")
+    return manifest
+
+
+def open_shard(data_dir: str | os.PathLike, split: str, name: str) -> dict[str, np.ndarray]:
+    """The arrays of one shard, memory-mapped (row arrays) or loaded (small example arrays)."""
+    d = Path(data_dir) / split / name
+    arrays = {f: np.load(d / f"{f}.npy", mmap_mode="r") for f in ROW_FILES}
+    arrays["row_ptr"] = np.load(d / "row_ptr.npy")
+    for f in EXAMPLE_FILES:
+        arrays[f] = np.load(d / f"{f}.npy")
+    return arrays
