@@ -17,9 +17,15 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
     """Make ZeRO-3-partitioned ``params`` whole inside the block (a no-op for ordinary tensors).
 
     Must be entered on every rank when any parameter is partitioned (it is a collective).
+    Parameters that are already gathered (inside a ZeRO-3 leaf module's forward, say) are used as
+    they are: gathering them again would free them on exit while their module still needs them.
     """
-    params = [p for p in params if p is not None]
-    if any(is_partitioned(p) for p in params):
+    params = [p for p in params if p is not None and is_partitioned(p)]
+    if params:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        params = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if params:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
