@@ -185,14 +185,18 @@ def eval_throughput(model, seqs: list[list[int]], batch_size: int, device: torch
 
 @torch.inference_mode()
 def gen_throughput(model, batch: int, prompt_len: int, new_tokens: int, vocab: int, repeats: int,
-                   device: torch.device, seed: int) -> dict:
+                   device: torch.device, seed: int, cache: str = "dynamic") -> dict:
     """Greedy decoding with the KV cache, exactly ``new_tokens`` per row; returns new tokens/s."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
     mask = torch.ones_like(ids)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
               pad_token_id=0, eos_token_id=2, temperature=None, top_p=None, top_k=None)
-    model.generate(input_ids=ids, attention_mask=mask, **dict(kw, max_new_tokens=4, min_new_tokens=4))  # warm-up
+    if cache == "static":  # a static KV cache lets Transformers compile the decode step into CUDA graphs
+        kw["cache_implementation"] = "static"
+    # warm-up (the static cache compiles here; two rounds so CUDA-graph capture is done too)
+    for _ in range(2 if cache == "static" else 1):
+        model.generate(input_ids=ids, attention_mask=mask, **dict(kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
     times = []
     for _ in range(repeats):
         sync(device)
@@ -220,6 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--no-profile", action="store_true", help="skip the expert-load profile in evaluation")
     p.add_argument("--gen-batches", default="1,16")
+    p.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                   help="KV cache for generation; static = compiled decode step (CUDA graphs)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
@@ -246,7 +252,7 @@ def main(argv=None) -> int:
     vocab = MODELS[args.model]["vocab_size"]
     seqs = eval_workload(args.eval_examples, args.min_len, args.max_len, vocab, args.seed)
     gen_batches = [int(b) for b in args.gen_batches.split(",") if b]
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    env = {"cache": args.cache, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "model": args.model, "dtype": args.dtype, "adapter_dtype": args.adapter_dtype}
     rows = []
     for method in methods:
@@ -260,7 +266,7 @@ def main(argv=None) -> int:
                                           profile=not args.no_profile and method == "mixlora")
         if not args.skip_gen:
             row["generate"] = [gen_throughput(model, b, args.prompt_len, args.new_tokens, vocab, args.repeats,
-                                              device, args.seed) for b in gen_batches]
+                                              device, args.seed, args.cache) for b in gen_batches]
         if device.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         rows.append(row)

@@ -67,7 +67,7 @@ class ExpertLoraStack(nn.Module):
         and the dropout probability (0 outside training). Without autograd (inference) the result is
         cached until the weights change, so decoding does not redo it for every token."""
         p = self.settings.lora_dropout if self.training else 0.0
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return (*self._stack(dtype), p)
         key = (dtype, self.lora_A._version, self.lora_B._version, self.lora_A.data_ptr(), self.lora_B.data_ptr())
         if getattr(self, "_inference_cache", (None,))[0] != key:
@@ -248,7 +248,7 @@ def ffn_dense(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing:
     statics = (in_loras, out_lora, ffn.gated, ffn.act)
 
     def per_pair(x_TD: torch.Tensor, *pre_dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if compiled and _compiled_pair_math is not False:
+        if compiled and _compiled_pair_math is not False and not torch.compiler.is_compiling():
             try:
                 return _compiled()(x_TD, *args, list(pre_dense), *statics)
             except torch._dynamo.exc.TorchDynamoException as e:  # no working compiler: eager, once, loudly

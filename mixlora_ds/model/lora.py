@@ -60,7 +60,7 @@ class LoraLinear(nn.Module):
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """A^T and s*B^T in ``dtype``; cached without autograd (inference) until the weights change."""
         A, B = self.lora_A.weight, self.lora_B.weight
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a compiled graph hoists the casts itself
             return A.to(dtype).t(), (B.to(dtype) * self.scaling).t()
         key = (dtype, A._version, B._version, A.data_ptr(), B.data_ptr())
         if getattr(self, "_inference_cache", (None,))[0] != key:
