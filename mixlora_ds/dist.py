@@ -63,6 +63,11 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
                 return out
         except (subprocess.SubprocessError, OSError):
             pass
+    return parse_hostlist(nodelist)
+
+
+def parse_hostlist(nodelist: str) -> list[str]:
+    """Pure-Python expansion of Slurm's compressed host lists (zero-padded ranges kept)."""
     hosts: list[str] = []
     # Split on commas that are not inside brackets.
     for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
@@ -150,6 +155,11 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         kwargs["auto_mpi_discovery"] = False
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        # Before any model is built: zero.Init places each shard on the current device.
+        get_accelerator().set_device(local_rank())
     deepspeed.init_distributed(**kwargs)
 
 

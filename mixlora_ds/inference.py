@@ -327,7 +327,9 @@ def load_for_inference(
         )
     if adapter is not None:
         model = attach_adapter(model, adapter)
-    return model, tok
+    # Inference only: a frozen adapter lets the layers cache their prepared (cast) weights.
+    model.requires_grad_(False)
+    return model.eval(), tok
 
 
 # ----------------------------------------------------------------------------------- generation

@@ -15,7 +15,7 @@ import os
 import signal
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -176,13 +176,13 @@ class Encoder:
                   result: ChunkResult) -> ExampleBatch:
         s = self.settings
         seq_len, eos, append_eos = s.seq_len, self.eos_id, s.append_eos
-        encodings = self.backend.encode_batch(buf.texts, add_special_tokens=True)
         flat: list[int] = []
         lengths: list[int] = []
         ordinals: list[int] = []
         range_starts: list[int] = []  # trained token ranges, as offsets into `flat`
         range_ends: list[int] = []
-        for enc, spans, ordinal, n_copies in zip(encodings, buf.spans, buf.ordinals, buf.copies):
+        for enc, spans, ordinal, n_copies in zip(self._encodings(buf.texts), buf.spans,
+                                                 buf.ordinals, buf.copies):
             ids = enc.ids
             n = len(ids)
             if s.train_on_prompt:
@@ -239,6 +239,13 @@ class Encoder:
             source_ids=np.full(count, source, dtype=np.int32),
             ordinals=np.asarray(ordinals, dtype=np.int64),
         )
+
+
+    def _encodings(self, texts: list[str], batch: int = 256) -> Iterator[Any]:
+        # Encodings carry offsets and token strings (~100 bytes a token): a few hundred at a
+        # time keeps a worker's memory small whatever the chunk size.
+        for i in range(0, len(texts), batch):
+            yield from self.backend.encode_batch(texts[i:i + batch], add_special_tokens=True)
 
 
 def _char_to_token(enc: Any, start: int, stop: int) -> int | None:

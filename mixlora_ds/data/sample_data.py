@@ -2,16 +2,21 @@
 
 Every record is built from a tiny, consistent world of facts (what kind of thing an object is,
 which animal makes which sound, what is hot or cold, which tool does a job, how people feel
-after an event, what happens next in an everyday activity, which of two things is bigger), so a
-tiny model trained on the train split can learn something measurable on the eval split: the
-answer always follows from facts that recur across records, while choice order, distractors and
-wording vary. Eval records never repeat a train prompt.
+after an event, what happens next in an everyday activity, which of two things is bigger). The
+answer always follows from the question: it is the one choice the facts single out, and in the
+multiple-choice tasks it also sits at a fixed position for each fact asked about (e.g. every
+"kind of fruit" question has its fruit at (A)),
+while distractors, the other choices and the wording vary. So even a tiny model trained for a
+few minutes on the train split does measurably better than chance on the eval split, which
+never repeats a train prompt.
 
 Files, in the public schemas of the eight commonsense tasks (see templates.py):
 
     OUT/<task>/train.jsonl, OUT/<task>/eval.jsonl   for the 8 tasks
     OUT/alpaca/train.json                           Alpaca-style instruction records (JSON array)
     OUT/mixture.yaml                                a mixture file using all of them
+    OUT/tokenizer_corpus.txt                        the rendered training texts, for building a
+                                                    tokenizer (data_prep/build_tokenizer.py)
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ CATEGORIES: dict[str, list[str]] = {
 SOUNDS = {"cow": "moo", "dog": "woof", "cat": "meow", "sheep": "baa", "lion": "roar",
           "duck": "quack", "horse": "neigh", "owl": "hoot", "snake": "hiss", "bee": "buzz",
           "pig": "oink", "frog": "croak"}
-HOT = ["fire", "the sun", "a hot oven", "lava", "a stove burner", "boiling water", "a candle flame"]
-COLD = ["ice", "snow", "a freezer", "a glacier", "frost", "an ice cube", "a snowball"]
+HOT = ["fire", "the sun", "a hot oven", "lava", "a stove burner", "boiling water", "a candle flame",
+       "a campfire", "steam", "a toaster", "hot soup", "a heater", "hot coffee", "a volcano",
+       "a light bulb"]
+COLD = ["ice", "snow", "a freezer", "a glacier", "frost", "an ice cube", "a snowball", "an iceberg",
+        "cold milk", "a fridge", "hail", "frozen peas", "sleet", "an ice rink", "winter wind"]
 JOBS = {  # goal -> (right way, wrong way)
     "cut a piece of wood": ("use a saw", "use a spoon"),
     "dig a hole in the garden": ("use a shovel", "use a fork"),
@@ -90,16 +98,25 @@ _SPLIT_SIZES = {"train": 240, "eval": 60}
 
 
 # --------------------------------------------------------------------------- generators
-def _arc_labels(rng: random.Random, n: int) -> list[str]:
-    # ARC stores most questions with letter labels and some with digits (1-4 only).
-    digits = rng.random() < 0.2 and n <= 4
+def _arc_labels(rng: random.Random, n: int, digit_share: float) -> list[str]:
+    # ARC stores most questions with letter labels and some with digits (1-4 only). Digit
+    # labels are kept rare: after "Answer:" a LLaMA-style tokenizer emits "▁" then the digit,
+    # so the reference's last-token scoring reads them at the wrong position.
+    digits = rng.random() < digit_share and n <= 4
     return [str(i + 1) for i in range(n)] if digits else list("ABCDE"[:n])
 
 
-def _choices(rng: random.Random, right: str, wrong: list[str], n: int) -> tuple[list[str], int]:
-    options = rng.sample(wrong, n - 1) + [right]
-    rng.shuffle(options)
-    return options, options.index(right)
+def _slot(keys: list[Any], key: Any, n: int) -> int:
+    """The fixed answer position of a fact: keys take positions in turn (balanced labels)."""
+    return keys.index(key) % n
+
+
+def _choices(rng: random.Random, right: str, wrong: list[str], n: int,
+             slot: int) -> tuple[list[str], int]:
+    """n options: the right one at ``slot``, distractors sampled and shuffled around it."""
+    options = rng.sample(wrong, n - 1)
+    options.insert(slot, right)
+    return options, slot
 
 
 def _other_members(cat: str) -> list[str]:
@@ -109,8 +126,8 @@ def _other_members(cat: str) -> list[str]:
 def _gen_arc_e(rng: random.Random, i: int) -> dict[str, Any]:
     cat = rng.choice(list(CATEGORIES))
     right = rng.choice(CATEGORIES[cat])
-    texts, k = _choices(rng, right, _other_members(cat), 4)
-    labels = _arc_labels(rng, 4)
+    texts, k = _choices(rng, right, _other_members(cat), 4, _slot(list(CATEGORIES), cat, 4))
+    labels = _arc_labels(rng, 4, digit_share=0.0)
     stem = rng.choice(["Which of these is a kind of {c}?", "Which of these is a {c}?",
                        "Which one of the following is a {c}?"]).format(c=cat)
     return {"id": f"sample-arc-e-{i}", "question": stem,
@@ -121,21 +138,23 @@ def _gen_arc_c(rng: random.Random, i: int) -> dict[str, Any]:
     n = rng.choice([3, 4, 4, 4, 5])
     if rng.random() < 0.5:
         animal = rng.choice(list(SOUNDS))
-        texts, k = _choices(rng, animal, [a for a in SOUNDS if a != animal], n)
+        texts, k = _choices(rng, animal, [a for a in SOUNDS if a != animal], n,
+                            _slot(list(SOUNDS), animal, n))
         stem = f'Which animal makes the sound "{SOUNDS[animal]}"?'
     else:
         cat = rng.choice(list(CATEGORIES))
         outsider = rng.choice(_other_members(cat))
-        texts, k = _choices(rng, outsider, CATEGORIES[cat], n)
+        texts, k = _choices(rng, outsider, CATEGORIES[cat], n,
+                            _slot(list(CATEGORIES), cat, n))
         stem = f"Which of these is NOT a kind of {cat}?"
-    labels = _arc_labels(rng, n)
+    labels = _arc_labels(rng, n, digit_share=0.1)
     return {"id": f"sample-arc-c-{i}", "question": stem,
             "choices": {"text": texts, "label": labels}, "answerKey": labels[k]}
 
 
 def _gen_boolq(rng: random.Random, i: int) -> dict[str, Any]:
     truth = rng.random() < 0.5
-    if rng.random() < 0.6:
+    if rng.random() < 0.35:
         cat = rng.choice(list(CATEGORIES))
         thing = rng.choice(CATEGORIES[cat] if truth else _other_members(cat))
         real = next(c for c, ms in CATEGORIES.items() if thing in ms)
@@ -146,7 +165,8 @@ def _gen_boolq(rng: random.Random, i: int) -> dict[str, Any]:
         hot = rng.random() < 0.5
         thing = rng.choice(HOT if hot else COLD)
         asked = "hot" if hot == truth else "cold"
-        question = rng.choice(["is {t} {a}", "does {t} feel {a}"]).format(t=thing, a=asked)
+        question = rng.choice(["is {t} {a}", "does {t} feel {a}",
+                               "would {t} be {a} to touch"]).format(t=thing, a=asked)
         passage = f"{thing[0].upper() + thing[1:]} is {'hot' if hot else 'cold'}."
     return {"question": question, "answer": truth, "passage": passage, "title": thing}
 
@@ -155,13 +175,15 @@ def _gen_obqa(rng: random.Random, i: int) -> dict[str, Any]:
     if rng.random() < 0.5:
         want_hot = rng.random() < 0.5
         right = rng.choice(HOT if want_hot else COLD)
-        texts, k = _choices(rng, right, COLD if want_hot else HOT, 4)
+        texts, k = _choices(rng, right, COLD if want_hot else HOT, 4,
+                            _slot([True, False], want_hot, 4))
         stem = rng.choice(["Which of these would feel the {w} to touch?",
                            "Which of these is {v}?"]).format(
             w="hottest" if want_hot else "coldest", v="hot" if want_hot else "cold")
     else:
         animal = rng.choice(list(SOUNDS))
-        texts, k = _choices(rng, SOUNDS[animal], [s for a, s in SOUNDS.items() if a != animal], 4)
+        texts, k = _choices(rng, SOUNDS[animal], [s for a, s in SOUNDS.items() if a != animal], 4,
+                            _slot(list(SOUNDS), animal, 4))
         stem = f"A {animal} usually says"
     labels = list("ABCD")
     return {"id": f"sample-obqa-{i}", "question_stem": stem,
@@ -175,7 +197,7 @@ def _gen_piqa(rng: random.Random, i: int) -> dict[str, Any]:
         wrong = JOBS[rng.choice([g for g in JOBS if g != goal])][1]
     phrasing = rng.choice(["How do you {g}?", "To {g}, you should", "{G}"])
     text = phrasing.format(g=goal, G=goal[0].upper() + goal[1:] + ".")
-    label = rng.randrange(2)
+    label = _slot(list(JOBS), goal, 2)
     sols = (right, wrong) if label == 0 else (wrong, right)
     return {"goal": text, "sol1": sols[0], "sol2": sols[1], "label": label}
 
@@ -183,9 +205,8 @@ def _gen_piqa(rng: random.Random, i: int) -> dict[str, Any]:
 def _gen_siqa(rng: random.Random, i: int) -> dict[str, Any]:
     person = rng.choice(PEOPLE)
     event, feeling = rng.choice(EVENTS)
-    wrong = rng.sample([f for _, f in EVENTS if f != feeling], 2)
-    answers = wrong + [feeling]
-    rng.shuffle(answers)
+    answers = rng.sample([f for _, f in EVENTS if f != feeling], 2)
+    answers.insert(_slot(EVENTS, (event, feeling), 3), feeling)
     question = rng.choice(["How would {p} feel afterwards?", "How would you describe {p}?",
                            "What is {p} feeling now?"]).format(p=person)
     return {"context": f"{person} {event}.", "question": question,
@@ -197,7 +218,7 @@ def _gen_hellaswag(rng: random.Random, i: int) -> dict[str, Any]:
     k = rng.randrange(len(ACTIVITIES))
     activity, ctx_a, ctx_b, right = ACTIVITIES[k]
     wrong = [a[3] for j, a in enumerate(ACTIVITIES) if j != k]
-    endings, label = _choices(rng, right, wrong, 4)
+    endings, label = _choices(rng, right, wrong, 4, _slot(ACTIVITIES, ACTIVITIES[k], 4))
     return {"ind": i, "activity_label": activity, "ctx_a": ctx_a, "ctx_b": ctx_b,
             "ctx": f"{ctx_a} {ctx_b}", "endings": endings, "source_id": f"sample-{k}",
             "split": "train", "split_type": "indomain", "label": str(label)}
@@ -210,13 +231,13 @@ def _gen_winogrande(rng: random.Random, i: int) -> dict[str, Any]:
     if rng.random() < 0.5:
         sentence = f"The {big} did not fit next to the {small} in the {container} because the _ " \
                    f"was too big."
-        answer_word = big
+        answer_word, other = big, small
     else:
         sentence = f"The {small} fit easily beside the {big} in the {container} because the _ " \
                    f"was so small."
-        answer_word = small
-    options = [small, big]
-    rng.shuffle(options)
+        answer_word, other = small, big
+    options = [other]
+    options.insert(0 if answer_word == big else 1, answer_word)
     return {"sentence": sentence, "option1": options[0], "option2": options[1],
             "answer": str(options.index(answer_word) + 1)}
 
@@ -274,6 +295,22 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def _write_tokenizer_corpus(path: Path, paths: dict[str, dict[str, Path]]) -> None:
+    """The rendered training texts (prompt + answer) of every train file: a tokenizer built on
+    the sample directory then learns the prompts' words and the answer labels (" true", " A")
+    as pieces, not only the records' field values."""
+    from mixlora_ds.data.templates import instruction_segments
+
+    texts = []
+    for task, spec in TASKS.items():
+        for line in paths[task]["train"].read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            texts.append(spec.build_prompt(record) + spec.completion(record))
+    for record in json.loads(paths["alpaca"]["train"].read_text(encoding="utf-8")):
+        texts.append("".join(t for t, _ in instruction_segments(record)))
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+
+
 def write_sample_data(out_dir: str | Path, *, train_size: int = _SPLIT_SIZES["train"],
                       eval_size: int = _SPLIT_SIZES["eval"], alpaca_size: int = 200,
                       seed: int = 0) -> dict[str, dict[str, Path]]:
@@ -302,6 +339,7 @@ def write_sample_data(out_dir: str | Path, *, train_size: int = _SPLIT_SIZES["tr
     paths["alpaca"]["train"].parent.mkdir(parents=True, exist_ok=True)
     paths["alpaca"]["train"].write_text(json.dumps(alpaca, indent=1, ensure_ascii=False) + "\n",
                                         encoding="utf-8")
+    _write_tokenizer_corpus(out / "tokenizer_corpus.txt", paths)
     lines = ["# Sample multi-task mixture: the 8 commonsense tasks with their eval splits,",
              "# plus Alpaca-style instructions (paths relative to this file).", "sources:"]
     for task in GENERATORS:

@@ -21,6 +21,11 @@ def init_lora_A_(weight: torch.Tensor, settings: LoraSettings) -> None:
             weight.uniform_(-bound, bound)
 
 
+def weight_version(t: torch.Tensor) -> int:
+    """In-place update counter of ``t`` (tensors made under inference_mode keep none: -1)."""
+    return -1 if t.is_inference() else t._version
+
+
 class LoraLinear(nn.Module):
     """``y = W x + b + s * B A dropout(x)``; with DoRA, ``y = m / ||W + sBA||_row * (W x + s B A dropout(x)) + b``.
 
@@ -58,11 +63,13 @@ class LoraLinear(nn.Module):
         return (self.lora_dropout(x) @ A) @ B
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A^T and s*B^T in ``dtype``; cached without autograd (inference) until the weights change."""
+        """A^T and s*B^T in ``dtype``. For a frozen adapter (inference) the result is cached until the
+        weights change; trainable weights are never cached, since optimizers (DeepSpeed's too) may
+        update them through ``.data``, which no version counter sees."""
         A, B = self.lora_A.weight, self.lora_B.weight
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a compiled graph hoists the casts itself
+        if torch.is_grad_enabled() or A.requires_grad or B.requires_grad or torch.compiler.is_compiling():
             return A.to(dtype).t(), (B.to(dtype) * self.scaling).t()
-        key = (dtype, A._version, B._version, A.data_ptr(), B.data_ptr())
+        key = (dtype, weight_version(A), weight_version(B), A.data_ptr(), B.data_ptr())
         if getattr(self, "_inference_cache", (None,))[0] != key:
             self._inference_cache = (key, (A.to(dtype).t().contiguous(), (B.to(dtype) * self.scaling).t().contiguous()))
         return self._inference_cache[1]

@@ -9,6 +9,7 @@ the engine is created.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -74,6 +75,26 @@ def adapter_config_for(cfg: TrainConfig):
         raise TrainConfigError(f"{where_of(cfg, 'adapter.' + key if key else 'adapter')}: {e}") from None
 
 
+@contextlib.contextmanager
+def plain_construction():
+    """Build models without zero.Init even while a ZeRO-3 run's ``HfDeepSpeedConfig`` is alive.
+
+    Transformers wraps every ``from_config``/``from_pretrained`` in ``zero.Init`` (a collective)
+    while that object exists; rank-0-only helpers (export verification on a meta skeleton) must
+    not start collectives the other ranks never join.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    active = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)
+
+
 def check_adapter_targets(cfg: TrainConfig, hf_config, adapter_config) -> None:
     """Fail before any heavy work when the adapter targets projections the model does not have.
 
@@ -81,7 +102,7 @@ def check_adapter_targets(cfg: TrainConfig, hf_config, adapter_config) -> None:
     """
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with plain_construction(), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     leaf_names = {name.rsplit(".", 1)[-1] for name, mod in skeleton.named_modules() if isinstance(mod, nn.Linear)}
     missing = [t for t in adapter_config.target_modules if t not in leaf_names]
@@ -135,12 +156,33 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
         # Experts receive different tokens on different ranks; as a leaf, the whole block's
         # parameters are gathered on entry, so every rank issues the same collectives.
         set_z3_leaf_modules(model, [MixLoraMoeBlock])
+    if stage == 3 and adapter_config.use_dora:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from mixlora_ds.model.lora import LoraLinear
+
+        # DoRA's forward reads the whole base weight (for the row norms of W + sBA); as a leaf,
+        # the adapted layer and its base weight are gathered together, once.
+        set_z3_leaf_modules(model, [LoraLinear], raise_if_not_found=False)
     # With a frozen base the embeddings' output does not require grad; a leaf module's (and
     # checkpointing's) backward hooks then never fire unless the input does.
     model.enable_input_require_grads()
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return BuiltModel(model, adapter_config, trainable, hf_ds)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer.
+
+    The reentrant variant returns no gradients when no input of the checkpointed block requires
+    grad (the frozen base's case); the non-reentrant one tracks the adapter parameters inside.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -114,6 +114,7 @@ def resolve_ds_config(cfg: TrainConfig, world_size: int, hidden_size: int | None
     stage = zero.setdefault("stage", 3)
     if stage not in (0, 1, 2, 3):
         raise TrainConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    _check_zero_section(zero, where)
     offload = isinstance(zero.get("offload_optimizer"), dict) and zero["offload_optimizer"].get("device", "none") != "none"
     _resolve_optimizer(cfg, ds, where, offload)
 
@@ -136,6 +137,19 @@ def resolve_ds_config(cfg: TrainConfig, world_size: int, hidden_size: int | None
             f"precision, optimizer hyper-parameters and ZeRO bucket sizes are); give an explicit value"
         )
     return ds
+
+
+def _check_zero_section(zero: dict[str, Any], where: str) -> None:
+    """DeepSpeed's own schema for the ZeRO section, applied now instead of after the model is built."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    checked = {k: v for k, v in zero.items() if v != AUTO}  # "auto" sizes are filled in below
+    try:
+        DeepSpeedZeroConfig(**checked)
+    except Exception as e:  # pydantic.ValidationError, without importing pydantic here
+        errors = getattr(e, "errors", None)
+        detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in errors()) if errors else str(e)
+        raise TrainConfigError(f"{where}: invalid zero_optimization section: {detail}") from None
 
 
 def _resolve_optimizer(cfg: TrainConfig, ds: dict[str, Any], where: str, offload: bool) -> None:

@@ -4,7 +4,9 @@ Tags written (all under one event directory)::
 
     train/loss  train/ce_loss  train/aux_loss  train/lr  train/grad_norm
     train/task_loss/<task>                 per-task cross-entropy over real answer tokens
-    perf/tokens_per_s  perf/tflops  perf/mfu (only with logging.peak_tflops)  perf/peak_mem_gb
+    perf/tokens_per_s  perf/tokens_per_s_per_device   real (non-padding) tokens, all ranks / per rank
+    perf/tflops  perf/mfu (only with logging.peak_tflops)   model FLOPs per device (metrics.flop_per_token)
+    perf/peak_mem_gb                       peak device memory (peak RSS on CPU) of rank 0
     moe/layer_<i>/expert_<e>_load          fraction of (token, top-k) routes sent to expert e
     moe/layer_<i>/router_entropy           mean entropy of the router distribution, in nats
     moe/layer_<i>/tokens_dropped           (switch routing only) tokens past expert capacity

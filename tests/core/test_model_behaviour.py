@@ -61,16 +61,28 @@ def test_inject_reads_no_weight_values():
 
 
 def test_inference_weight_cache_follows_weight_updates():
-    """Without autograd the prepared adapter weights are cached; an in-place update must invalidate them."""
+    """A frozen adapter's prepared weights are cached for inference; an in-place update invalidates them,
+    and trainable weights are never cached (DeepSpeed updates them through .data, unseen by versions)."""
     from tests.core.tiny_models import randomize_adapter
 
     model = tiny_model("llama")
     inject_mixlora(model, MixLoraConfig(r=4, lora_alpha=8, num_experts=4))
     model.eval()
-    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        first = model(ids := torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))).logits
+        for p in trainable:
+            p.data = p.data + 0.5  # as an optimizer writing .data would
+        assert not torch.allclose(model(ids).logits, first)
+    for p in trainable:
+        p.requires_grad_(False)
     with torch.no_grad():
         before = model(ids).logits
-    randomize_adapter(model, seed=7)  # in-place copy_ into every adapter tensor
+    for p in trainable:
+        p.requires_grad_(True)  # randomize_adapter writes only trainable tensors
+    randomize_adapter(model, seed=7)
+    for p in trainable:
+        p.requires_grad_(False)  # in-place copy_ into every adapter tensor
     with torch.no_grad():
         cached = model(ids).logits
     fresh = model(ids).logits.detach()  # grad-enabled forward never uses the cache

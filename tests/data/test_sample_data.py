@@ -58,7 +58,8 @@ def test_answers_follow_from_the_facts(sample):
         if kind:
             assert rec["answer"] == (_category(kind[1]) == kind[2])
         else:
-            temp = re.fullmatch(r"(?:is|does) (.+?) (?:feel )?(hot|cold)", q)
+            temp = re.fullmatch(r"(?:is|does|would) (.+?) (?:feel |be )?(hot|cold)(?: to touch)?",
+                                q)
             assert temp, q
             assert rec["answer"] == ((temp[1] in sd.HOT) == (temp[2] == "hot"))
     for rec in read_records(paths["winogrande"]["train"]):

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Train a MixLoRA (or LoRA/DoRA) adapter on a frozen base model with DeepSpeed.
+
+One process (CPU or one GPU):
+    python launch/train.py --config configs/tiny.yaml
+One node, N processes (GPUs; on CPU add DS_ACCELERATOR=cpu and OMP_NUM_THREADS=1):
+    deepspeed --num_gpus N launch/train.py --config configs/llama2-7b-mixlora.yaml
+    torchrun --standalone --nproc_per_node N launch/train.py --config configs/llama2-7b-mixlora.yaml
+Several nodes (Slurm; one task per GPU, ranks taken from SLURM_* variables):
+    sbatch --nodes 2 launch/slurm/train.sbatch configs/llama2-7b-mixlora.yaml
+    (or inside an allocation: srun --ntasks-per-node 8 python launch/train.py --config ...)
+Overrides, then resume after preemption:
+    ... launch/train.py --config configs/tiny.yaml --optim.lr 1e-4 --batch.global_batch_size 16
+    ... launch/train.py --config configs/tiny.yaml --resume auto
+
+Exit status: 0 when training finished or a SIGTERM/SIGUSR1 stop saved a checkpoint; 2 for a bad
+config (reported by every rank before any communication); 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (newest complete checkpoint if any), a checkpoint directory, or 'none'")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    return p.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    # torch.distributed warns on every ZeRO-3 gather/reduce that DeepSpeed uses a deprecated name.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+
+    from mixlora_ds import dist
+
+    dist.map_slurm_env()
+    from mixlora_ds.train.monitor import setup_logging
+
+    rank = dist.rank()
+    setup_logging(rank)
+
+    from mixlora_ds.config import ConfigError
+    from mixlora_ds.train.checkpoint import CheckpointError
+    from mixlora_ds.train.config import TrainConfigError, load_config
+    from mixlora_ds.train.plan import make_plan
+
+    try:
+        cfg = load_config(args.config, overrides)
+        plan = make_plan(cfg, dist.world_size())
+    except (TrainConfigError, ConfigError) as e:
+        # Every rank reads the same files and fails the same way, before any collective.
+        print(f"[rank {rank}] config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if args.validate_only:
+        if rank == 0:
+            print(f"{args.config}: OK ({plan.total_steps} steps, ZeRO stage {plan.stage}, {plan.precision}, "
+                  f"world {plan.world_size}, grad accum {plan.grad_accum})")
+        return 0
+
+    dist.init_distributed(cfg.deepspeed.timeout_minutes)
+    from mixlora_ds.train.loop import train
+
+    try:
+        return train(plan, args.resume)
+    except CheckpointError as e:
+        print(f"[rank {rank}] checkpoint error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""The training loop: DeepSpeed engine, global-token-normalised loss, checkpoints, signals, logging.
+
+Loss of one optimizer step (G micro-batches on each of W ranks)::
+
+    loss = sum over all answer tokens of CE / (answer tokens in the GLOBAL batch)
+           + mean over the G*W forwards of the router aux loss
+
+Each rank counts its tokens for the step first and one all-reduce gives the global count, so a
+micro-batch with few answer tokens weighs exactly as much as its tokens, whatever rank it is on.
+DeepSpeed divides gradients by G (in backward) and W (in its reduction); the micro-batch loss is
+multiplied by G*W to undo that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from mixlora_ds import dist
+from mixlora_ds.train.batches import (IGNORE, BatchStream, answer_token_count, model_inputs, real_token_mask,
+                                      token_ce)
+from mixlora_ds.train.checkpoint import CheckpointManager, find_resume
+from mixlora_ds.train.config import TrainConfig, dump_config
+from mixlora_ds.train.metrics import Interval, flop_per_token
+from mixlora_ds.train.monitor import Monitor, peak_memory_gb
+from mixlora_ds.train.plan import RunPlan
+from mixlora_ds.train.signals import StopRequest
+
+log = logging.getLogger("mixlora_ds.train")
+
+
+# ----------------------------------------------------------------------------------------- train
+class Trainer:
+    def __init__(self, plan: RunPlan, resume: str | None):
+        self.plan = plan
+        self.cfg: TrainConfig = plan.cfg
+        self.resume_spec = resume if resume is not None else self.cfg.checkpoint.resume
+        self.rank = dist.rank()
+        self.world = dist.world_size()
+        self.device = dist.device()
+        self.stop = StopRequest()
+
+    # ------------------------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        import deepspeed
+
+        from mixlora_ds.train.build import build_model, count_parameters
+        from mixlora_ds.train.schedule import build_scheduler
+
+        cfg, plan = self.cfg, self.plan
+        self.stop.install()
+        built = build_model(cfg, plan.ds_config, plan.precision, plan.stage)
+        self.built = built
+        total, trainable = count_parameters(built.model)
+        log.info("model: %s parameters, %s trainable (%.3f%%), ZeRO stage %d, %s, world %d, grad accum %d",
+                 f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1), plan.stage, plan.precision,
+                 self.world, plan.grad_accum)
+
+        def scheduler(optimizer):
+            return build_scheduler(optimizer, cfg.schedule.type, plan.warmup_steps, plan.total_steps,
+                                   cfg.schedule.min_lr_ratio)
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=built.model, model_parameters=[p for _, p in built.trainable], config=plan.ds_config,
+            lr_scheduler=scheduler,
+        )
+        self.model = self.engine.module
+        # Dropout masks differ between ranks (like different GPUs would); resume restores them.
+        torch.manual_seed(cfg.seed * 1000 + self.rank)
+        random.seed(cfg.seed * 1000 + self.rank)
+        np.random.seed((cfg.seed * 1000 + self.rank) % 2**32)
+
+        self.dense_mask = not cfg.model.attn_implementation.startswith("flash")
+        self.train_stream = BatchStream(cfg.data.train_dir, cfg.data.train_split, cfg.batch.micro_batch_size,
+                                        cfg.seed, cfg.data.shuffle, cfg.data.drop_last, self.rank, self.world,
+                                        self.dense_mask)
+        # Every rank must run the same number of forwards (ZeRO-3 gathers are collectives).
+        n = torch.tensor([self.train_stream.micro_batches_per_epoch()] * 2, dtype=torch.long)
+        lo = dist.all_reduce_(n[:1].clone(), "min").item()
+        hi = dist.all_reduce_(n[1:].clone(), "max").item()
+        if lo != hi:
+            raise RuntimeError(f"ranks see different numbers of micro-batches per epoch ({lo}..{hi}); "
+                               f"the sampler must give every rank the same count")
+
+        self.task_names = _task_names(plan.manifest)
+        self.is_moe = built.adapter_config.peft_type == "MIXLORA"
+        n_layers = getattr(plan.hf_config, "num_hidden_layers", 0) if self.is_moe else 0
+        n_experts = built.adapter_config.num_experts if self.is_moe else 0
+        self.interval_shape = (len(self.task_names), n_layers, n_experts)
+        seq = plan.seq_len or 0
+        self.flops_per_token = flop_per_token(self.model, plan.hf_config, seq)
+        self.compute_dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
+
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+        self.run_config_yaml = dump_config(cfg)
+        self.step = 0
+        info = find_resume(self.resume_spec, cfg.checkpoint_dir)
+        if info is not None:
+            state = self.ckpt.load(self.engine, info)
+            self.step = state["step"]
+            self.train_stream.load_state_dict(state["data"])
+            log.info("resumed from %s at step %d", info.path, self.step)
+        elif self.resume_spec == "auto":
+            log.info("--resume auto: no complete checkpoint under %s, starting fresh", cfg.checkpoint_dir)
+        self.complete_marker = os.path.join(cfg.output_dir, "train_complete.json")
+        if dist.is_main():
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            if os.path.exists(self.complete_marker):
+                os.remove(self.complete_marker)
+            from mixlora_ds.utils.atomic import atomic_write_text
+
+            atomic_write_text(os.path.join(cfg.output_dir, "run_config.yaml"), self.run_config_yaml)
+            atomic_write_text(os.path.join(cfg.output_dir, "ds_config.json"), json.dumps(plan.ds_config, indent=2) + "\n")
+            log.info("resolved run config:\n%s", self.run_config_yaml)
+            log.info("resolved DeepSpeed config: %s", json.dumps(plan.ds_config, sort_keys=True))
+        self.monitor = Monitor(cfg.tensorboard_dir, dist.is_main(), plan.total_steps,
+                               cfg.logging.progress_bar, start_step=self.step)
+        self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+
+    # ------------------------------------------------------------------------------------ a step
+    def train_step(self, iv: Interval) -> bool:
+        """One optimizer step; False (and nothing trained) when a rank was asked to stop."""
+        engine, plan = self.engine, self.plan
+        self.data_state = self.train_stream.state_dict()  # what a stop before this step saves
+        batches = [self.train_stream.next() for _ in range(plan.grad_accum)]
+        # One all-reduce per step carries the answer-token count and any rank's stop request (a
+        # signal may reach ranks at different times; all must stop at the same step).
+        local = torch.tensor([float(sum(answer_token_count(b) for b in batches)),
+                              1.0 if self.stop.requested else 0.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce_(local)
+        if local[1].item() > 0:
+            return False
+        global_tokens = local[0]
+        scale = self.world * plan.grad_accum / global_tokens.clamp_min(1.0)
+        lr = engine.get_lr()[0]
+        ce_sum = aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in batches:
+            inputs = model_inputs(batch, self.cfg.model.attn_implementation, self.device, self.compute_dtype)
+            logits = engine(**inputs).logits
+            labels = batch["labels"].to(self.device)
+            ce_BS = token_ce(logits, labels)
+            real_BS = real_token_mask(batch, self.device)
+            aux = self._aux_loss(real_BS)
+            loss = ce_BS.sum() * scale.to(ce_BS.dtype) + aux
+            engine.backward(loss)
+            engine.step()
+            ce_sum = ce_sum + ce_BS.detach().sum().double()
+            aux_sum = aux_sum + aux.detach().double()
+            self._accumulate_stats(iv, batch, ce_BS.detach(), real_BS)
+        self.step += 1
+        iv.steps.append(self.step)
+        iv.ce.append(ce_sum)
+        iv.aux.append(aux_sum)
+        iv.tokens.append(global_tokens)
+        iv.lr.append(lr)
+        iv.grad_norm.append(engine.get_global_grad_norm())
+        return True
+
+    def _aux_loss(self, real_BS: torch.Tensor) -> torch.Tensor:
+        if not self.is_moe:
+            return torch.zeros((), device=self.device)
+        from mixlora_ds.model.aux_loss import mixlora_aux_loss
+
+        return mixlora_aux_loss(self.model, attention_mask=real_BS)
+
+    def _accumulate_stats(self, iv: Interval, batch: dict[str, Any], ce_BS: torch.Tensor,
+                          real_BS: torch.Tensor) -> None:
+        iv.real_tokens += real_BS.sum()
+        iv.positions += real_BS.numel()
+        targets = batch["labels"][:, 1:].to(self.device)
+        task = batch["task_ids"][:, 1:].to(self.device)
+        valid = (targets != IGNORE) & (task >= 0) & (task < iv.n_tasks)
+        t = task[valid]
+        iv.task_ce.index_add_(0, t, ce_BS[valid].double())
+        iv.task_tokens.index_add_(0, t, torch.ones_like(t, dtype=torch.float64))
+        if self.is_moe:
+            from mixlora_ds.model.stats import routing_statistics
+
+            s = routing_statistics(self.model, attention_mask=real_BS)
+            iv.counts_LE += s.counts_LE.double()
+            iv.entropy_L += s.entropy_L.double() * s.tokens
+            iv.routed_tokens += s.tokens
+            iv.dropped_L += s.dropped_L.double()
+
+    # ----------------------------------------------------------------------------------- logging
+    def flush_interval(self, iv: Interval) -> None:
+        """One all-reduce of every local statistic, then rank 0 writes scalars and the console line."""
+        if not iv.steps:
+            return
+        n = len(iv.steps)
+        flat = torch.cat([
+            torch.stack(iv.ce), torch.stack(iv.aux), torch.stack([iv.real_tokens, iv.positions]),
+            iv.task_ce, iv.task_tokens, iv.counts_LE.flatten(), iv.entropy_L, iv.routed_tokens.view(1), iv.dropped_L,
+        ])
+        t = dist.all_reduce_(flat).cpu().numpy()
+        if not dist.is_main():
+            return
+        tokens = [float(x) for x in iv.tokens]
+        grad_norm = [float(g) if g is not None else float("nan") for g in iv.grad_norm]
+        o = 0
+        ce = t[o:o + n]; o += n
+        aux = t[o:o + n]; o += n
+        real_tokens, positions = t[o], t[o + 1]; o += 2
+        nt, nl, ne = self.interval_shape
+        task_ce = t[o:o + nt]; o += nt
+        task_tok = t[o:o + nt]; o += nt
+        counts = t[o:o + nl * ne].reshape(nl, ne); o += nl * ne
+        ent = t[o:o + nl]; o += nl
+        routed = t[o]; o += 1
+        dropped = t[o:o + nl]; o += nl
+
+        forwards = self.world * self.plan.grad_accum
+        elapsed = max(time.time() - iv.t0, 1e-9)
+        step_ce = [c / max(tok, 1.0) for c, tok in zip(ce, tokens)]
+        step_aux = [a / forwards for a in aux]
+        step_loss = [c + a for c, a in zip(step_ce, step_aux)]
+        tps = real_tokens / elapsed
+        tflops = self.flops_per_token * positions / elapsed / self.world / 1e12
+        last = self.step
+        scalars = {
+            "train/loss": float(np.mean(step_loss)), "train/ce_loss": float(np.mean(step_ce)),
+            "train/aux_loss": float(np.mean(step_aux)), "train/lr": iv.lr[-1],
+            "train/grad_norm": float(np.nanmean(grad_norm)) if not all(map(math.isnan, grad_norm)) else None,
+            "perf/tokens_per_s": tps, "perf/tokens_per_s_per_device": tps / self.world, "perf/tflops": tflops,
+            "perf/peak_mem_gb": peak_memory_gb(),
+        }
+        if self.cfg.logging.peak_tflops:
+            scalars["perf/mfu"] = tflops / self.cfg.logging.peak_tflops
+        for i, name in enumerate(self.task_names):
+            if task_tok[i] > 0:
+                scalars[f"train/task_loss/{name}"] = task_ce[i] / task_tok[i]
+        self.monitor.scalars(last, scalars)
+        if self.is_moe and nl:
+            load = counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
+            entropy = ent / max(routed, 1.0)
+            switch = self.built.adapter_config.routing_strategy == "mixlora-switch"
+            every = self.cfg.logging.heatmap_every_steps
+            heat = every > 0 and any(s % every == 0 for s in iv.steps)
+            self.monitor.moe(last, load, entropy, dropped if switch else None, heat)
+        self.monitor.flush()
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            for i, s in enumerate(iv.steps):
+                f.write(json.dumps({"step": s, "loss": step_loss[i], "ce_loss": step_ce[i], "aux_loss": step_aux[i],
+                                    "lr": iv.lr[i], "grad_norm": grad_norm[i], "tokens": tokens[i]}) + "\n")
+        self.monitor.line(
+            f"step {last}/{self.plan.total_steps} | loss {scalars['train/loss']:.4f} ce {scalars['train/ce_loss']:.4f} "
+            f"aux {scalars['train/aux_loss']:.5f} | lr {iv.lr[-1]:.2e} | gnorm {np.nanmean(grad_norm):.3f} | "
+            f"{tps:,.0f} tok/s | {tflops:.3f} TFLOP/s/dev | mem {scalars['perf/peak_mem_gb']:.2f} GB"
+        )
+
+    def write_scalar(self, tag: str, value: float) -> None:
+        if dist.is_main():
+            self.monitor.scalars(self.step, {tag: value})
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.step, tag: value}) + "\n")
+            self.monitor.flush()
+
+    # -------------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """CE per answer token over the held-out split, every row counted once whatever the world size.
+
+        Ranks may hold one row more than others; under ZeRO-3 every rank must still run the same
+        number of forwards, so a rank out of rows repeats its last batch with weight zero.
+        """
+        if self.plan.eval_dir is None:
+            return None
+        from mixlora_ds.data.reader import PackedDataset, ResumableDistributedSampler, collate_packed
+
+        ds = PackedDataset(self.plan.eval_dir, split=self.cfg.data.eval_split)
+        sampler = ResumableDistributedSampler(ds, rank=self.rank, world_size=self.world, seed=self.cfg.seed,
+                                              shuffle=False, drop_last=False)
+        rows = list(iter(sampler))
+        micro = self.cfg.batch.micro_batch_size
+        chunks = [rows[i:i + micro] for i in range(0, len(rows), micro)]
+        if self.cfg.eval.max_batches is not None:
+            chunks = chunks[: self.cfg.eval.max_batches]
+        n = int(dist.all_reduce_(torch.tensor([len(chunks)], device=self.device), "max").item())
+        if n == 0:
+            log.warning("no held-out rows: no eval loss")
+            return None
+        self.engine.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        try:
+            for i in range(n):
+                real = i < len(chunks)
+                rows_i = chunks[i] if real else (chunks[-1] if chunks else [0])
+                batch = collate_packed([ds[j] for j in rows_i], attention_mask=self.dense_mask)
+                inputs = model_inputs(batch, self.cfg.model.attn_implementation, self.device, self.compute_dtype)
+                ce = token_ce(self.engine(**inputs).logits, batch["labels"].to(self.device))
+                if real:
+                    sums[0] += ce.sum().double()
+                    sums[1] += answer_token_count(batch)
+        finally:
+            self.engine.train()
+        dist.all_reduce_(sums)
+        value = float(sums[0] / sums[1].clamp_min(1))
+        self.write_scalar("eval/loss", value)
+        if dist.is_main():
+            self.monitor.line(f"step {self.step} | eval loss {value:.4f} over {int(sums[1])} answer tokens")
+        return value
+
+    # ------------------------------------------------------------------------------ save / export
+    def save(self, reason: str, data_state: dict[str, Any] | None = None) -> None:
+        t = time.time()
+        data_state = data_state if data_state is not None else self.train_stream.state_dict()
+        path = self.ckpt.save(self.engine, self.step, {"data": data_state},
+                              self.run_config_yaml, self.plan.ds_config, {"reason": reason})
+        log.info("checkpoint %s (%s) in %.1fs", path, reason, time.time() - t)
+
+    def export(self) -> None:
+        from mixlora_ds.train.export import export_adapter
+
+        result = export_adapter(self.model, self.built.adapter_config, self.plan.hf_config, self.cfg.export_dir)
+        if dist.is_main():
+            self.monitor.line(f"adapter exported to {self.cfg.export_dir}: {result['tensors']} tensors, "
+                              f"{result['parameters']:,} parameters (verified)")
+
+    # -------------------------------------------------------------------------------------- run
+    def run(self) -> int:
+        cfg, plan = self.cfg, self.plan
+        self.engine.train()
+        iv = Interval(*self.interval_shape, self.device)
+        stopped = False
+        last_saved = self.step if self.step > 0 else -1
+        while self.step < plan.total_steps:
+            if not self.train_step(iv):
+                stopped = True
+                break
+            self.monitor.advance(1)
+            if self.step % cfg.logging.every_steps == 0:
+                self.flush_interval(iv)
+                iv = Interval(*self.interval_shape, self.device)
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                self.evaluate()
+            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                self.save("periodic")
+                last_saved = self.step
+        self.flush_interval(iv)
+        if stopped:
+            if dist.is_main():
+                self.monitor.line(f"{self.stop.name or 'stop'} received: saving at step {self.step} and exiting")
+            if last_saved != self.step:
+                self.save(f"signal {self.stop.name}", self.data_state)
+            self.monitor.close()
+            return 0
+        if cfg.eval.at_end and not (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0):
+            self.evaluate()
+        if cfg.checkpoint.save_final and last_saved != self.step:
+            self.save("final")
+        self.export()
+        if dist.is_main():
+            from mixlora_ds.utils.atomic import atomic_write_text
+
+            # Tells a requeueing job script that there is nothing left to resume.
+            atomic_write_text(self.complete_marker, json.dumps({"step": self.step, "adapter": self.cfg.export_dir}) + "\n")
+        self.monitor.close()
+        return 0
+
+
+def _task_names(manifest: dict[str, Any]) -> list[str]:
+    tasks = manifest.get("tasks") or manifest.get("task_names") or []
+    if isinstance(tasks, dict):
+        # {name: id} or {name: {...,"id": n}}
+        def tid(item):
+            v = item[1]
+            return v if isinstance(v, int) else v.get("id", 0) if isinstance(v, dict) else 0
+        return [name for name, _ in sorted(tasks.items(), key=tid)]
+    return [t if isinstance(t, str) else t.get("name", str(i)) for i, t in enumerate(tasks)]
+
+
+def train(plan: RunPlan, resume: str | None = None) -> int:
+    trainer = Trainer(plan, resume)
+    trainer.setup()
+    return trainer.run()

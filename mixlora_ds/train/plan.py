@@ -1,0 +1,158 @@
+"""Check a run config completely, before any rank initialises communication or builds a model.
+
+Every rank runs the same checks on the same files, so a bad config fails on every rank with the
+same message and no rank is left waiting in a collective. The result, a :class:`RunPlan`, carries
+everything derived from the config (world size, accumulation, total steps, resolved DeepSpeed
+config, model and adapter configs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from mixlora_ds.train.config import TrainConfig, TrainConfigError, where_of
+from mixlora_ds.train.ds_config import resolve_ds_config, resolve_precision, zero_stage
+
+
+@dataclass
+class RunPlan:
+    cfg: TrainConfig
+    world_size: int
+    device: str
+    precision: str
+    stage: int
+    ds_config: dict[str, Any]
+    hf_config: Any
+    adapter_config: Any
+    grad_accum: int
+    train_sequences: int
+    seq_len: int | None
+    micro_batches_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    eval_dir: str | None
+    manifest: dict[str, Any]
+
+
+def accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def _read_manifest(cfg: TrainConfig, key: str, path: str) -> dict[str, Any]:
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+        raise TrainConfigError(f"{where_of(cfg, key)}: {key}={path!r}: data directory not found "
+                               f"(prepare it with data_prep/prepare.py)")
+    if not os.path.isfile(manifest):
+        raise TrainConfigError(f"{where_of(cfg, key)}: {key}={path!r} has no manifest.json: not a prepared "
+                               f"data directory")
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise TrainConfigError(f"{manifest}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def _split_len(cfg: TrainConfig, key: str, data_dir: str, split: str) -> int:
+    from mixlora_ds.data.reader import PackedDataset
+
+    try:
+        return len(PackedDataset(data_dir, split=split))
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise TrainConfigError(f"{where_of(cfg, key)}: {key}={data_dir!r}, split {split!r}: {e}") from None
+
+
+def has_split(data_dir: str, split: str) -> bool:
+    from mixlora_ds.data.reader import PackedDataset
+
+    try:
+        return len(PackedDataset(data_dir, split=split)) > 0
+    except (KeyError, ValueError, FileNotFoundError):
+        return False
+
+
+def _positive(cfg: TrainConfig, key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise TrainConfigError(f"{where_of(cfg, key)}: '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> RunPlan:
+    from mixlora_ds.train.build import adapter_config_for, check_adapter_targets, hf_config_for
+    from mixlora_ds.train.schedule import warmup_steps_for
+
+    device = device or accelerator_name()
+    # Scalars first: cheap, and they explain most mistakes.
+    _positive(cfg, "batch.micro_batch_size", cfg.batch.micro_batch_size)
+    _positive(cfg, "batch.global_batch_size", cfg.batch.global_batch_size)
+    _positive(cfg, "optim.lr", cfg.optim.lr)
+    _positive(cfg, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    _positive(cfg, "optim.max_grad_norm", cfg.optim.max_grad_norm, allow_zero=True)
+    _positive(cfg, "checkpoint.keep_last", cfg.checkpoint.keep_last)
+    _positive(cfg, "checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
+    _positive(cfg, "logging.every_steps", cfg.logging.every_steps)
+    _positive(cfg, "eval.every_steps", cfg.eval.every_steps, allow_zero=True)
+    _positive(cfg, "schedule.warmup_steps", cfg.schedule.warmup_steps, allow_zero=True)
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise TrainConfigError(f"{where_of(cfg, 'optim.betas')}: optim.betas must be two numbers in [0, 1)")
+    if not 0 <= cfg.schedule.warmup_ratio < 1:
+        raise TrainConfigError(f"{where_of(cfg, 'schedule.warmup_ratio')}: schedule.warmup_ratio must be in [0, 1)")
+    if not 0 <= cfg.schedule.min_lr_ratio <= 1:
+        raise TrainConfigError(f"{where_of(cfg, 'schedule.min_lr_ratio')}: schedule.min_lr_ratio must be in [0, 1]")
+    if cfg.max_steps is not None:
+        _positive(cfg, "max_steps", cfg.max_steps)
+    _positive(cfg, "schedule.num_epochs", cfg.schedule.num_epochs)
+    if cfg.logging.peak_tflops is not None:
+        _positive(cfg, "logging.peak_tflops", cfg.logging.peak_tflops)
+    if cfg.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
+        raise TrainConfigError(f"{where_of(cfg, 'model.attn_implementation')}: model.attn_implementation must be "
+                               f"sdpa, eager, flash_attention_2 or flash_attention_3")
+    if device == "cpu" and cfg.model.attn_implementation.startswith("flash"):
+        raise TrainConfigError(f"{where_of(cfg, 'model.attn_implementation')}: flash attention needs a GPU; "
+                               f"use sdpa on CPU")
+
+    precision = resolve_precision(cfg, device)
+    adapter_config = adapter_config_for(cfg)
+    hf_config = hf_config_for(cfg)
+    check_adapter_targets(cfg, hf_config, adapter_config)
+    ds_config = resolve_ds_config(cfg, world_size, getattr(hf_config, "hidden_size", None), device)
+    stage = zero_stage(ds_config)
+    grad_accum = ds_config["gradient_accumulation_steps"]
+
+    if not cfg.data.train_dir:
+        raise TrainConfigError(f"{where_of(cfg, 'data.train_dir')}: data.train_dir is required")
+    manifest = _read_manifest(cfg, "data.train_dir", cfg.data.train_dir)
+    n_train = _split_len(cfg, "data.train_dir", cfg.data.train_dir, cfg.data.train_split)
+    per_rank = n_train // world_size if cfg.data.drop_last else math.ceil(n_train / world_size)
+    mb_per_epoch = per_rank // cfg.batch.micro_batch_size
+    if mb_per_epoch < 1:
+        raise TrainConfigError(
+            f"{where_of(cfg, 'data.train_dir')}: {n_train} packed training sequences cannot fill one "
+            f"micro-batch of {cfg.batch.micro_batch_size} on each of {world_size} ranks"
+        )
+    seq_len = manifest.get("seq_len") or manifest.get("max_seq_len")
+    if cfg.max_steps is not None:
+        total = cfg.max_steps
+    else:
+        total = max(1, math.floor(cfg.schedule.num_epochs * mb_per_epoch / grad_accum))
+
+    eval_dir = None
+    if cfg.data.eval_dir:
+        _read_manifest(cfg, "data.eval_dir", cfg.data.eval_dir)
+        _split_len(cfg, "data.eval_dir", cfg.data.eval_dir, cfg.data.eval_split)
+        eval_dir = cfg.data.eval_dir
+    elif has_split(cfg.data.train_dir, cfg.data.eval_split):
+        eval_dir = cfg.data.train_dir
+    elif cfg.eval.every_steps > 0:
+        raise TrainConfigError(
+            f"{where_of(cfg, 'eval.every_steps')}: eval.every_steps={cfg.eval.every_steps} but there is no "
+            f"held-out data: set data.eval_dir or prepare an '{cfg.data.eval_split}' split"
+        )
+    warmup = warmup_steps_for(cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio, total)
+    return RunPlan(cfg, world_size, device, precision, stage, ds_config, hf_config, adapter_config, grad_accum,
+                   n_train, seq_len, mb_per_epoch, total, warmup, eval_dir, manifest)

@@ -1,0 +1,150 @@
+"""Single-process checks of the config schema, DeepSpeed config resolution, schedule, Slurm mapping
+and checkpoint discovery (the multi-process behaviour is tested in the other files)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mixlora_ds import dist
+from mixlora_ds.train.checkpoint import COMPLETE, CheckpointError, find_resume, list_checkpoints
+from mixlora_ds.train.config import TrainConfigError, load_config, parse_overrides
+from mixlora_ds.train.ds_config import resolve_ds_config
+from mixlora_ds.train.monitor import heatmap_image
+from mixlora_ds.train.schedule import lr_factor
+
+from tests.train.conftest import REPO
+
+
+def write(tmp_path, text, name="run.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_unknown_key_names_file_line_and_known_keys(tmp_path):
+    path = write(tmp_path, "seed: 1\noptim:\n  lr: 1.0e-4\n  lrr: 2\n")
+    with pytest.raises(TrainConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:4:") and "unknown key 'optim.lrr'" in msg and "max_grad_norm" in msg
+
+
+def test_type_errors_and_yaml_number_quirk(tmp_path):
+    with pytest.raises(TrainConfigError, match=r":2: 'batch.micro_batch_size' must be int, got str"):
+        load_config(write(tmp_path, "batch:\n  micro_batch_size: two\n"))
+    with pytest.raises(TrainConfigError, match="'logging.progress_bar' must be bool"):
+        load_config(write(tmp_path, "logging:\n  progress_bar: 3\n"))
+    with pytest.raises(TrainConfigError, match="'schedule.type' must be one of 'constant', 'cosine', 'linear'"):
+        load_config(write(tmp_path, "schedule:\n  type: exp\n"))
+    # YAML 1.1 reads 2e-4 (no dot) as a string; a float field still takes it.
+    assert load_config(write(tmp_path, "optim:\n  lr: 2e-4\n")).optim.lr == 2e-4
+    with pytest.raises(TrainConfigError, match="schema_version 9 is not supported"):
+        load_config(write(tmp_path, "schema_version: 9\n"))
+
+
+def test_command_line_overrides(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 1.0e-4\n")
+    cfg = load_config(path, ["--optim.lr", "3e-4", "--batch.global_batch_size=16", "--adapter.target_modules",
+                             "[q_proj, v_proj]", "--deepspeed.overrides", "{zero_optimization: {stage: 2}}"])
+    assert cfg.optim.lr == 3e-4 and cfg.batch.global_batch_size == 16
+    assert cfg.adapter["target_modules"] == ["q_proj", "v_proj"]
+    assert cfg.deepspeed.overrides == {"zero_optimization": {"stage": 2}}
+    with pytest.raises(TrainConfigError, match=r"command line --optim\.bogus: unknown key"):
+        load_config(path, ["--optim.bogus", "1"])
+    with pytest.raises(TrainConfigError, match="missing value"):
+        parse_overrides(["--seed"])
+
+
+def ds_file(tmp_path, data):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(data))
+    return str(p)
+
+
+def test_ds_auto_values_resolved_from_the_run_config(tmp_path):
+    cfg = load_config(str(REPO / "configs" / "llama2-7b-mixlora.yaml"))
+    ds = resolve_ds_config(cfg, world_size=4, hidden_size=4096, device="cuda")
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] is True
+    assert ds["optimizer"]["params"]["lr"] == 2e-4 and ds["optimizer"]["params"]["torch_adam"] is True
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["reduce_bucket_size"] == 4096 * 4096
+    assert z["stage3_param_persistence_threshold"] == 10 * 4096
+    cpu = resolve_ds_config(load_config(str(REPO / "configs" / "tiny.yaml")), 2, 64, "cpu")
+    assert cpu["bf16"]["enabled"] is False
+    assert cpu["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+@pytest.mark.parametrize("ds, message", [
+    ({"train_micro_batch_size_per_gpu": 4}, "'train_micro_batch_size_per_gpu' is 4 but the run config gives 1"),
+    ({"gradient_clipping": 0.5}, "'gradient_clipping' is 0.5"),
+    ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, "'zero_optimization.sub_group_size' is \"auto\""),
+    ({"scheduler": {"type": "WarmupLR"}}, "the learning-rate schedule lives in the run config"),
+    ({"fp16": {"enabled": True}}, "fp16 is not supported"),
+    ({"optimizer": {"type": "Lamb"}}, "optimizer.type must be AdamW"),
+    ({"zero_optimization": {"stage": 5}}, "stage must be 0, 1, 2 or 3"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}},
+     "invalid zero_optimization section: offload_optimizer.device: Input should be 'none', 'cpu' or 'nvme'"),
+    ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket": 5}},
+     "invalid zero_optimization section: stage3_prefetch_bucket: Extra inputs are not permitted"),
+])
+def test_ds_contradictions_and_unresolvable_auto_refused(tmp_path, ds, message):
+    cfg = load_config(None, ["--deepspeed.config", ds_file(tmp_path, ds), "--batch.global_batch_size", "2",
+                             "--batch.micro_batch_size", "1"])
+    with pytest.raises(TrainConfigError) as e:
+        resolve_ds_config(cfg, world_size=2, hidden_size=64, device="cpu")
+    assert message in str(e.value) and str(tmp_path / "ds.json") in str(e.value)
+
+
+def test_cpu_adam_needs_offload(tmp_path):
+    cfg = load_config(None, ["--deepspeed.config", ds_file(tmp_path, {}), "--optim.impl", "cpu_adam"])
+    with pytest.raises(TrainConfigError, match="cpu_adam needs zero_optimization.offload_optimizer"):
+        resolve_ds_config(cfg, world_size=1, hidden_size=64, device="cpu")
+
+
+def test_schedule_shapes():
+    assert [lr_factor("constant", 2, 10, 0.0)(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cos = lr_factor("cosine", 0, 10, 0.1)
+    assert cos(0) == 1.0 and math.isclose(cos(5), 0.55) and math.isclose(cos(10), 0.1)
+    lin = lr_factor("linear", 2, 12, 0.0)
+    assert lin(1) == 1.0 and math.isclose(lin(7), 0.5) and lin(12) == 0.0
+
+
+def test_slurm_environment_mapping():
+    assert dist.parse_hostlist("gpu[01-03,07],login") == ["gpu01", "gpu02", "gpu03", "gpu07", "login"]
+    assert dist.parse_hostlist("node1") == ["node1"]
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+           "SLURM_JOB_NODELIST": "node[3-6]"}
+    set_ = dist.map_slurm_env(env)
+    assert env["RANK"] == "5" and env["WORLD_SIZE"] == "8" and env["LOCAL_RANK"] == "1"
+    assert env["MASTER_ADDR"] in ("node3",) and env["MASTER_PORT"] == str(20000 + 1234)
+    assert set(set_) == {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    # A launcher that already set the rendezvous wins.
+    launched = {"SLURM_PROCID": "0", "RANK": "3", "WORLD_SIZE": "4"}
+    assert dist.map_slurm_env(launched) == {} and launched["RANK"] == "3"
+
+
+def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
+    root = tmp_path / "ckpt"
+    for step, complete in ((4, True), (8, True), (12, False)):
+        d = root / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        if complete:
+            (d / COMPLETE).write_text(json.dumps({"step": step, "world_size": 2}))
+    assert [c.step for c in list_checkpoints(str(root))] == [4, 8]
+    assert find_resume("auto", str(root)).step == 8  # the crashed save of step 12 is ignored
+    assert find_resume("auto", str(tmp_path / "none")) is None
+    assert find_resume(None, str(root)) is None
+    assert find_resume(str(root), str(root)).step == 8
+    with pytest.raises(CheckpointError, match="incomplete"):
+        find_resume(str(root / "step_00000012"), str(root))
+
+
+def test_heatmap_image():
+    img = heatmap_image([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]], cell=4)
+    assert img.shape == (8, 16, 3) and img.dtype.name == "uint8"
+    assert tuple(img[0, 0]) != tuple(img[0, 15])  # load 0.5 and 0.0 get different colours

@@ -1,0 +1,61 @@
+"""Under ZeRO-3 the frozen base is really partitioned and only router / LoRA parameters get gradients."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.train.conftest import REPO, RUN_TIMEOUT, launch_env, run_config, write_config
+
+pytestmark = pytest.mark.distributed
+
+ADAPTER_PARAM = re.compile(r"(\.lora_A\.|\.lora_B\.|\.experts\.[a-z_]+\.lora_[AB]$|\.router\.weight$|lora_magnitude)")
+
+
+@pytest.fixture(scope="module")
+def probe(assets, runs_root):
+    cfg = write_config(run_config(assets, runs_root / "probe"), runs_root / "probe.yaml")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(REPO / "tests" / "train" / "zero3_probe.py"), str(cfg), str(runs_root)],
+                       env=launch_env(runs_root), cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    reports = [json.loads((runs_root / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    return reports
+
+
+def test_base_weights_are_partitioned_from_construction(probe):
+    for report in probe:
+        for when in ("frozen_before", "frozen_after"):
+            shards = report[when]
+            assert shards, "no partitioned frozen parameter found"
+            held = sum(local for local, _ in shards.values())
+            full = sum(total for _, total in shards.values())
+            # Each rank holds about half of every tensor (padding rounds partitions up).
+            assert 0.45 * full <= held <= 0.55 * full, (when, held, full)
+            for name, (local, total) in shards.items():
+                assert local < total, f"{name} is whole on rank {report['rank']} ({when})"
+    assert probe[0]["frozen_after"].keys() == probe[1]["frozen_after"].keys()
+
+
+def test_only_router_and_lora_parameters_train_and_get_gradients(probe):
+    report = probe[0]
+    assert report["trainable"], "nothing trainable"
+    for name in report["trainable"]:
+        assert ADAPTER_PARAM.search(name), f"unexpected trainable parameter {name}"
+    assert any(".router." in n for n in report["trainable"])
+    assert any(".experts." in n for n in report["trainable"])
+    for name, g in report["grads"].items():
+        if name in report["trainable"]:
+            assert g is not None and g > 0, f"no gradient for adapter parameter {name}"
+        else:
+            assert g is None, f"frozen parameter {name} received a gradient"
+
+
+def test_moe_blocks_are_zero3_leaf_modules(probe):
+    leaf = probe[0]["leaf_blocks"]
+    assert leaf and all(leaf)
