@@ -10,6 +10,10 @@
 # Afterwards: tensorboard --logdir OUT_DIR/run/tensorboard
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Set-up on first use: a .venv with torch and mixlora_ds (reused when already there or active).
+# shellcheck disable=SC1091
+. scripts/setup_env.sh
+set -u
 OUT=${1:-runs/demo}
 NPROC=${NPROC:-2}
 EPOCHS=${EPOCHS:-3}
