@@ -286,6 +286,8 @@ def _account(result: ChunkResult, task_stats: dict[str, list[_TaskStats]],
 
 
 def _add_batch_stats(stats: list[_TaskStats], batch: ExampleBatch) -> None:
+    if batch.num_examples == 0:  # every example of the chunk was dropped (too long, say)
+        return
     task = int(batch.task_ids[0])  # one chunk is one source is one task
     st = stats[task]
     st.examples += batch.num_examples

@@ -355,3 +355,15 @@ def test_blank_lines_and_indented_records(tmp_path, tokenizer_dir, capsys):
     assert run_prepare("--input", f"{path}:boolq", "--tokenizer", tokenizer_dir, "--seq-len", 128,
                        "--out", tmp_path / "out2") == 2
     assert f"{path}:7: missing field 'answer'" in capsys.readouterr().err
+
+
+def test_a_source_whose_every_example_is_dropped(tmp_path, sample, tokenizer_dir):
+    """A source with no example that fits (dropped as over-long) is counted, not a crash."""
+    out = tmp_path / "out"
+    paths = sample["paths"]
+    rc = run_prepare("--input", f"{paths['piqa']['train']}:piqa", "--input", f"{paths['boolq']['train']}:boolq",
+                     "--tokenizer", tokenizer_dir, "--seq-len", 40, "--overlong", "drop", "--out", out)
+    assert rc == 0
+    tasks = load_manifest(out)["splits"]["train"]["tasks"]
+    assert tasks["piqa"]["examples"] == 0 and tasks["piqa"]["dropped"] > 0
+    assert tasks["boolq"]["examples"] > 0
