@@ -2,25 +2,16 @@
 
 import json
 
-import mixlora
 import pytest
 import torch
 
 from mixlora_ds import MixLoraConfig, inject_mixlora, load_mixlora_adapter, save_mixlora_adapter
 from tests.core.tiny_models import FAMILIES, VOCAB, randomize_adapter, targets_for, tiny_model
+from tests.reference_oracle import attach_reference_adapter
 
 
 def reference_model(model_type, state_dict, adapter_dir):
-    config, weights = mixlora.load_adapter_weights(str(adapter_dir), device="cpu")
-    model = tiny_model(model_type, state_dict=state_dict)
-    mixlora.inject_adapter_in_model(model, config, weights)
-    model.eval()
-    # The reference keeps its experts in plain dicts that model.eval() cannot reach (its bug 1).
-    for layer in model.model.layers:
-        for moe in layer.mlp.mixlora_moes.values():
-            for expert in moe.experts_.values():
-                expert.eval()
-    return model
+    return attach_reference_adapter(tiny_model(model_type, state_dict=state_dict), adapter_dir)
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

@@ -150,7 +150,7 @@ def test_adapter_error_surfaces_through_the_loader(base_dir, tmp_path, tokenizer
 def test_reference_format_adapter_scores_like_reference_mixlora(base_dir, tokenizer, tmp_path):
     """An adapter directory as the reference writes it (adapter_model.bin only, its minimal config)
     loads here, and the evaluation logits equal those of the reference ``mixlora`` 0.2.3 package."""
-    import mixlora
+    from tests.reference_oracle import attach_reference_adapter
 
     from mixlora_ds import MixLoraConfig, inject_mixlora, save_mixlora_adapter
 
@@ -169,14 +169,7 @@ def test_reference_format_adapter_scores_like_reference_mixlora(base_dir, tokeni
     (ref_dir / "adapter_config.json").write_text(json.dumps(ref_cfg))
 
     ours, _ = load_for_inference(base_dir, adapter=ref_dir, dtype="float32", device="cpu")
-    theirs = load_base_model(base_dir, dtype="float32", device="cpu")
-    config, weights = mixlora.load_adapter_weights(str(ref_dir), device="cpu")
-    mixlora.inject_adapter_in_model(theirs, config, weights)
-    theirs.eval()
-    for layer in theirs.model.layers:  # the reference keeps its experts outside the module tree
-        for moe in layer.mlp.mixlora_moes.values():
-            for expert in moe.experts_.values():
-                expert.eval()
+    theirs = attach_reference_adapter(load_base_model(base_dir, dtype="float32", device="cpu"), ref_dir)
 
     prompts = ["Please choose the correct answer to the question: which? (A) red (B) blue\nAnswer:", "is it\nAnswer:"]
     batch = pad_batch([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, "right")

@@ -74,19 +74,12 @@ def test_checkpoints_complete_pruned_and_described(reference_run):
 
 
 def _reference_model(base_dir, adapter_dir):
-    import mixlora
     from transformers import AutoModelForCausalLM
 
-    config, weights = mixlora.load_adapter_weights(str(adapter_dir), device="cpu")
+    from tests.reference_oracle import attach_reference_adapter
+
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
-    mixlora.inject_adapter_in_model(model, config, weights)
-    model.eval()
-    # The reference keeps experts in plain dicts that model.eval() does not reach (its dropout bug).
-    for layer in model.model.layers:
-        for moe in layer.mlp.mixlora_moes.values():
-            for expert in moe.experts_.values():
-                expert.eval()
-    return model
+    return attach_reference_adapter(model, adapter_dir)
 
 
 def test_exported_adapter_gives_reference_logits(dropout_run, assets, tmp_path):
