@@ -110,7 +110,7 @@ def main() -> None:
         both = timeit(lambda: block(x).backward(g), steps, warmup, device)
         peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**30 if device == "cuda" else float("nan")
         print(f"{variant:<16}{fwd:>10.2f}{both:>12.2f}{peak:>10.2f}")
-        del block
+        block = None  # free it before the next variant
         if device == "cuda":
             torch.cuda.empty_cache()
     from mixlora_ds.model import grouped_mm

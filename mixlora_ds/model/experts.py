@@ -1,16 +1,18 @@
-"""Expert LoRAs and the two ways to compute a MixLoRA feed-forward block.
+"""Expert LoRAs and the three ways to compute a MixLoRA feed-forward block.
 
-Shapes: T tokens, P (token, slot) pairs in expert order, D model dim, I FFN intermediate dim,
-E experts, r LoRA rank. Expert ``e`` of a projection with frozen weight W computes
-``W x + s * B_e A_e dropout(x)``.
+Shapes: T tokens, K slots per token, P (token, slot) pairs in expert order, D model dim,
+I FFN intermediate dim, E experts, r LoRA rank. Expert ``e`` of a projection with frozen weight W
+computes ``W x + s * B_e A_e dropout(x)``.
 
 - ``ffn_loop``: the plain per-expert loop of the paper and the reference, kept as the readable
   reference the tests compare against (and the path for DoRA experts).
-- ``ffn_grouped``: the default. ``W1 x`` / ``W3 x`` run once per token; each expert's low-rank work is
-  one grouped matmul over its contiguous slice of pairs; and the frozen down projection runs once
-  per token on the weight-mixed intermediates, which is exact by linearity:
+- ``ffn_dense`` (default) and ``ffn_grouped`` share the frozen work: ``W1 x`` / ``W3 x`` run once per
+  token, and the frozen down projection runs once per token on the weight-mixed intermediates,
+  which is exact by linearity:
   ``sum_e w_e (W2 + s B2_e A2_e) h_e = W2 (sum_e w_e h_e) + sum_e w_e s B2_e A2_e h_e``.
-  The per-pair intermediates are recomputed in backward, so activation memory stays near plain LoRA.
+  They differ in the low-rank work: ``grouped`` sorts pairs by expert and runs one grouped matmul
+  per projection; ``dense`` keeps pairs in token order and runs masked GEMMs over all experts.
+  Both recompute the per-pair intermediates in backward, so activation memory stays near plain LoRA.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mixlora_ds.config import LoraSettings
-from mixlora_ds.model.dispatch import DispatchPlan, LocalDispatcher
+from mixlora_ds.model.dispatch import LocalDispatcher
 from mixlora_ds.model.grouped_mm import grouped_mm
 from mixlora_ds.model.lora import init_lora_A_, weight_version
 from mixlora_ds.model.router import Routing
@@ -127,11 +129,15 @@ class FFNShape:
         return getattr(self.base_mlp, name)
 
     def activate(self, pre: list[torch.Tensor]) -> torch.Tensor:
-        """Pre-activation pieces (one per input projection) -> intermediate ``h``."""
-        if not self.gated:
-            return self.act(pre[0])
-        gate, up = pre if len(pre) == 2 else pre[0].chunk(2, dim=-1)
-        return self.act(gate) * up
+        return activate(pre, self.gated, self.act)
+
+
+def activate(pre: list[torch.Tensor], gated: bool, act) -> torch.Tensor:
+    """Pre-activation pieces (one per input projection) -> intermediate ``h``."""
+    if not gated:
+        return act(pre[0])
+    gate, up = pre if len(pre) == 2 else pre[0].chunk(2, dim=-1)
+    return act(gate) * up
 
 
 def ffn_loop(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -194,11 +200,7 @@ def dense_pair_math(x_TD: torch.Tensor, onehot_TKE: torch.Tensor, weight_TK: tor
             code_TKEr = (_dropout(x_TD, p) @ A.t()).view(T, 1, E, -1) * onehot_TKE.unsqueeze(-1)
             pre_TKF = pre_TKF + (code_TKEr.reshape(T * K, -1) @ B).view(T, K, -1)
         pre.append(pre_TKF.expand(-1, K, -1))
-    if gated:
-        gate, up = pre if len(pre) == 2 else pre[0].chunk(2, dim=-1)
-        h_TKI = act(gate) * up
-    else:
-        h_TKI = act(pre[0])
+    h_TKI = activate(pre, gated, act)
     w_TK1 = weight_TK.to(h_TKI.dtype).unsqueeze(-1)
     mixed_TI = (h_TKI * w_TK1).sum(dim=1)
     if out_lora is None:

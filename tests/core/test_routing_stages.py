@@ -43,9 +43,8 @@ def test_switch_capacity_per_sequence_in_token_order():
 
 
 def test_router_fp32_and_jitter_not_in_place():
-    from mixlora_ds.model.moe import MixLoraMoeBlock  # noqa: F401 (jitter lives in the block)
-    from tests.core.tiny_models import VOCAB, tiny_model
     from mixlora_ds import inject_mixlora
+    from tests.core.tiny_models import tiny_model
 
     router = MixLoraRouter(8, MixLoraConfig(num_experts=4))
     assert router.weight.dtype == torch.float32
