@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     from mixlora_ds.train.loop import train
 
     try:
-        return train(plan, args.resume)
+        code = train(plan, args.resume)
+        dist.shutdown()
+        return code
     except CheckpointError as e:
         print(f"[rank {rank}] checkpoint error: {e}", file=sys.stderr, flush=True)
         return 2

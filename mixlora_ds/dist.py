@@ -176,6 +176,17 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def shutdown() -> None:
+    """Leave the process group together: every rank waits for the others, then tears it down.
+
+    Exiting with the group alive lets a rank's interpreter destroy gloo's threads while a peer is
+    still finishing (rank 0 exporting the adapter, say), which aborts the process at exit.
+    """
+    if torch.distributed.is_initialized():
+        barrier()
+        torch.distributed.destroy_process_group()
+
+
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce that is a no-op without a process group (single-process tools, tests)."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

@@ -10,6 +10,7 @@
 # Nothing system-wide is changed except a munge daemon (started only if none runs). Jobs on the fake
 # nodes should export MASTER_ADDR=127.0.0.1: the node names resolve nowhere.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"   # the daemons live in sbin, which a non-login PATH may lack
 cmd=${1:?usage: local_cluster.sh start|stop DIR [PORT]}
 dir=$(realpath -m "${2:?missing DIR}")
 port=${3:-$(( 17000 + RANDOM % 3000 ))}

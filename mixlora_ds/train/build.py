@@ -164,6 +164,13 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
         # DoRA's forward reads the whole base weight (for the row norms of W + sBA); as a leaf,
         # the adapted layer and its base weight are gathered together, once.
         set_z3_leaf_modules(model, [LoraLinear], raise_if_not_found=False)
+    if stage == 3 and cfg.deepspeed.zero3_gather == "layer":
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from mixlora_ds.model.inject import decoder_layers
+
+        # One gather per decoder layer instead of one per Linear: far fewer, larger collectives.
+        set_z3_leaf_modules(model, [type(decoder_layers(model)[0])])
     # With a frozen base the embeddings' output does not require grad; a leaf module's (and
     # checkpointing's) backward hooks then never fire unless the input does.
     model.enable_input_require_grads()

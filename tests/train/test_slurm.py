@@ -21,9 +21,10 @@ import pytest
 from tests.train.conftest import REPO, dropout_config, launch_env, max_adapter_diff, read_metrics, write_config
 from tests.train.test_resume import assert_same_curve
 
+SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # the daemons live in sbin
 pytestmark = [
     pytest.mark.distributed, pytest.mark.slow,
-    pytest.mark.skipif((shutil.which("slurmctld") is None or shutil.which("munged") is None)
+    pytest.mark.skipif((shutil.which("slurmctld", path=SBIN_PATH) is None or shutil.which("munged", path=SBIN_PATH) is None)
                        and os.environ.get("MIXLORA_REQUIRE_SLURM") != "1",
                        reason="Slurm is not installed here: apt-get install --no-install-recommends slurm-wlm munge"),
 ]
