@@ -24,6 +24,7 @@ import torch.nn as nn
 from mixlora_ds.config import ConfigError, MixLoraConfig
 from mixlora_ds.model.inject import inject_mixlora
 from mixlora_ds.utils.atomic import atomic_directory
+from mixlora_ds.utils.jsonfile import load_json
 from mixlora_ds.zero import gathered
 
 CONFIG_NAME = "adapter_config.json"
@@ -165,10 +166,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> MixLoraConfig:
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{path}: adapter config not found (is {adapter_dir} an adapter directory?)")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    d = load_json(path, AdapterError)
     if isinstance(d, dict) and d.get("peft_type") == "LORA":
         init = d.get("init_lora_weights", True)
         d = {k: v for k, v in d.items() if k in _PEFT_KEYS_USED}

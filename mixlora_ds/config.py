@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from mixlora_ds.utils.jsonfile import load_json
+
 PEFT_TYPES = ("MIXLORA", "LORA")
 ROUTING_STRATEGIES = ("mixlora", "mixlora-dynamic", "mixlora-switch")
 LEGACY_ROUTING_STRATEGIES = {"mixtral": "mixlora"}
@@ -257,12 +259,7 @@ class MixLoraConfig:
             path = os.path.join(path, "adapter_config.json")
         if not os.path.exists(path):
             raise ConfigError(f"{path}: adapter config not found")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        return cls.from_dict(d, source=path)
+        return cls.from_dict(load_json(path, ConfigError), source=path)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ says which file, key or shape is wrong.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from mixlora_ds.adapter_io import AdapterError
 from mixlora_ds.eval.scoring import encode_prompt, pad_batch, pad_token_id
+from mixlora_ds.utils.jsonfile import load_json
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -91,10 +91,7 @@ def model_config_from(spec: str | os.PathLike | Mapping[str, Any], **overrides: 
             path = path / "config.json"
         if not path.is_file():
             raise ValueError(f"model config {spec!r} is neither a preset {sorted(MODEL_PRESETS)} nor a file")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        d = load_json(path, ValueError)
     else:
         d = dict(spec)
     d.update({k: v for k, v in overrides.items() if v is not None})

@@ -9,11 +9,11 @@ disagree with the run config are errors, not silent winners: one source of truth
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Any
 
 from mixlora_ds.train.config import TrainConfig, TrainConfigError, where_of
+from mixlora_ds.utils.jsonfile import load_json
 
 AUTO = "auto"
 
@@ -21,11 +21,7 @@ AUTO = "auto"
 def load_ds_json(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise TrainConfigError(f"{path}: DeepSpeed config not found")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise TrainConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    data = load_json(path, TrainConfigError)
     if not isinstance(data, dict):
         raise TrainConfigError(f"{path}: a DeepSpeed config must be a JSON object")
     return data
