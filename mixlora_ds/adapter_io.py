@@ -54,7 +54,7 @@ def to_reference_state_dict(named: dict[str, torch.Tensor], config: MixLoraConfi
         layer, rest = m.group(1), m.group(2)
         tensor = tensor.detach().to("cpu", torch.float32).contiguous()
         if not config.is_mixlora:
-            out[_PEFT_PREFIX + f"model.layers.{layer}." + _peft_leaf(rest)] = tensor
+            out[_PEFT_PREFIX + f"model.layers.{layer}." + rest] = tensor
             continue
         if rest == "mlp.router.weight":
             out[f"mixlora.layers.{layer}.mlp.moe_gate.weight"] = tensor
@@ -64,13 +64,8 @@ def to_reference_state_dict(named: dict[str, torch.Tensor], config: MixLoraConfi
                 suffix = f"{kind}.weight" if kind in ("lora_A", "lora_B") else kind
                 out[f"mixlora.layers.{layer}.mlp.{proj}.experts.{j}.{suffix}"] = tensor[j].clone()
         else:
-            out[f"mixlora.layers.{layer}." + _peft_leaf(rest)] = tensor
+            out[f"mixlora.layers.{layer}." + rest] = tensor
     return out
-
-
-def _peft_leaf(rest: str) -> str:
-    # "self_attn.q_proj.lora_magnitude_vector" stays; lora_A/B keep their ".weight".
-    return rest
 
 
 def from_reference_state_dict(weights: dict[str, torch.Tensor], model: nn.Module,

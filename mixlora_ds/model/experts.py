@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from mixlora_ds.config import LoraSettings
 from mixlora_ds.model.dispatch import LocalDispatcher
 from mixlora_ds.model.grouped_mm import grouped_mm
-from mixlora_ds.model.lora import init_lora_A_, weight_version
+from mixlora_ds.model.lora import cached_for_inference, init_lora_A_
 from mixlora_ds.model.router import Routing
 from mixlora_ds.zero import gathered
 
@@ -66,18 +66,10 @@ class ExpertLoraStack(nn.Module):
     def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
         """All experts side by side for ``dense_pair_math``: A as ``[E*r, in]``, B as ``[E*r, out]``
         with the LoRA scaling folded in (scaling the small weight saves a pass over activations),
-        and the dropout probability (0 outside training). For a frozen adapter (inference) the result
-        is cached until the weights change, so decoding does not redo it for every token; trainable
-        weights are never cached (optimizers may update them through ``.data``, unseen by versions)."""
+        and the dropout probability (0 outside training). Cached for a frozen adapter
+        (``cached_for_inference``)."""
         p = self.settings.lora_dropout if self.training else 0.0
-        if (torch.is_grad_enabled() or self.lora_A.requires_grad or self.lora_B.requires_grad
-                or torch.compiler.is_compiling()):
-            return (*self._stack(dtype), p)
-        A, B = self.lora_A, self.lora_B
-        key = (dtype, weight_version(A), weight_version(B), A.data_ptr(), B.data_ptr())
-        if getattr(self, "_inference_cache", (None,))[0] != key:
-            self._inference_cache = (key, self._stack(dtype))
-        return (*self._inference_cache[1], p)
+        return (*cached_for_inference(self, (self.lora_A, self.lora_B), dtype, lambda: self._stack(dtype)), p)
 
     def _stack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         E, r, _ = self.lora_A.shape

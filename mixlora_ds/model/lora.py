@@ -26,6 +26,22 @@ def weight_version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+def cached_for_inference(module: nn.Module, weights: tuple[torch.Tensor, ...], dtype: torch.dtype, build):
+    """``build()`` (weights prepared for use: cast, stacked, scaled), cached on ``module`` while the
+    weights are frozen and autograd is off, so decoding does not redo it for every token.
+
+    Trainable weights are never cached: optimizers (DeepSpeed's too) may update them through
+    ``.data``, which no version counter sees. Under torch.compile the graph hoists the work itself.
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(w.requires_grad for w in weights):
+        return build()
+    key = (dtype, *(weight_version(w) for w in weights), *(w.data_ptr() for w in weights))
+    cache = getattr(module, "_inference_cache", None)
+    if cache is None or cache[0] != key:
+        module._inference_cache = cache = (key, build())
+    return cache[1]
+
+
 class LoraLinear(nn.Module):
     """``y = W x + b + s * B A dropout(x)``; with DoRA, ``y = m / ||W + sBA||_row * (W x + s B A dropout(x)) + b``.
 
@@ -63,16 +79,9 @@ class LoraLinear(nn.Module):
         return (self.lora_dropout(x) @ A) @ B
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A^T and s*B^T in ``dtype``. For a frozen adapter (inference) the result is cached until the
-        weights change; trainable weights are never cached, since optimizers (DeepSpeed's too) may
-        update them through ``.data``, which no version counter sees."""
+        """A^T and s*B^T in ``dtype`` (cached for a frozen adapter, see ``cached_for_inference``)."""
         A, B = self.lora_A.weight, self.lora_B.weight
-        if torch.is_grad_enabled() or A.requires_grad or B.requires_grad or torch.compiler.is_compiling():
-            return A.to(dtype).t(), (B.to(dtype) * self.scaling).t()
-        key = (dtype, weight_version(A), weight_version(B), A.data_ptr(), B.data_ptr())
-        if getattr(self, "_inference_cache", (None,))[0] != key:
-            self._inference_cache = (key, (A.to(dtype).t().contiguous(), (B.to(dtype) * self.scaling).t().contiguous()))
-        return self._inference_cache[1]
+        return cached_for_inference(self, (A, B), dtype, lambda: (A.to(dtype).t(), (B.to(dtype) * self.scaling).t()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_magnitude_vector is None:
