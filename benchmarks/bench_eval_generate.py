@@ -75,7 +75,8 @@ def _randomize_trainable(model, seed: int) -> None:
             p.requires_grad_(False)
 
 
-def build(method: str, model: str, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype, seed: int):
+def build(method: str, model: str, device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype, seed: int,
+          merge_lora: bool = True):
     base = random_base(model, device, dtype, seed)
     if method == "base":
         return base
@@ -85,6 +86,10 @@ def build(method: str, model: str, device: torch.device, dtype: torch.dtype, ada
         kw = dict(MIXLORA, peft_type="MIXLORA") if method == "mixlora" else dict(LORA, peft_type="LORA")
         inject_mixlora(base, MixLoraConfig(target_modules=TARGETS, **kw), adapter_dtype)
         _randomize_trainable(base, seed + 1)
+        if merge_lora:  # what load_for_inference does by default
+            from mixlora_ds.model.merge import prepare_for_inference
+
+            prepare_for_inference(base, dtype)
         return base.eval()
     if method == "peft_lora":
         from peft import LoraConfig, get_peft_model
@@ -229,6 +234,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-merge-lora", action="store_true", help="keep mixlora_ds's LoRA layers unmerged")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-gen", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -252,14 +258,14 @@ def main(argv=None) -> int:
     vocab = MODELS[args.model]["vocab_size"]
     seqs = eval_workload(args.eval_examples, args.min_len, args.max_len, vocab, args.seed)
     gen_batches = [int(b) for b in args.gen_batches.split(",") if b]
-    env = {"cache": args.cache, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    env = {"cache": args.cache, "merge_lora": not args.no_merge_lora, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "model": args.model, "dtype": args.dtype, "adapter_dtype": args.adapter_dtype}
     rows = []
     for method in methods:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        model = build(method, args.model, device, dtype, adapter_dtype, args.seed)
+        model = build(method, args.model, device, dtype, adapter_dtype, args.seed, merge_lora=not args.no_merge_lora)
         row = {"bench": "eval_generate", **env, "method": method, "build_s": round(time.perf_counter() - t0, 2)}
         if not args.skip_eval:
             row["eval"] = eval_throughput(model, seqs, args.eval_batch, device,

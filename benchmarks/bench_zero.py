@@ -15,12 +15,17 @@ CPU smoke test (tiny model, fp32, gloo):
         --cases plain,zero2,zero3 --adapters lora80,mixlora --steps 2 --warmup 1 --micro 1 --seq 64
 
 Cases (ds settings are written out in ``case_ds_config``):
-    plain          one process, no DeepSpeed, torch AdamW (the reference point)
-    zero2          ZeRO-2 as in ds_configs/zero2_bf16.json (frozen base replicated)
-    zero3_default  ZeRO-3 with DeepSpeed's default persistence / prefetch settings
-    zero3          ZeRO-3 as shipped in ds_configs/zero3_bf16.json ("auto" sizes from the hidden size)
-    zero3_big      ZeRO-3 with large persistence / prefetch buckets (lever: fewer, larger gathers)
-    zero3_layer    ZeRO-3 gathering each decoder layer as one leaf module (lever: one gather per layer)
+    plain              one process, no DeepSpeed, torch AdamW (the reference point)
+    zero2              ZeRO-2 as shipped in ds_configs/zero2_bf16.json (frozen base replicated)
+    zero3              ZeRO-3 as shipped in ds_configs/zero3_bf16.json (one gather per decoder layer)
+    zero2_ds_defaults  lever: zero2 with DeepSpeed's usual overflow check, overlap_comm, contiguous gradients
+    zero1              lever: zero2's settings at stage 1
+    zero2_overlap      lever: zero2 reducing gradients on a side stream, overlapped with backward
+    zero3_ds_defaults  lever: zero3 with DeepSpeed's usual overflow check, overlap, persistence, linear
+    zero3_prefetch     lever: zero3 prefetching ~one decoder layer ahead
+    zero3_default      ZeRO-3 with DeepSpeed's default persistence / prefetch settings
+    zero3_big          ZeRO-3 with large persistence / prefetch buckets
+    zero3_layer        ZeRO-3 with "auto" buckets (the first shipped settings) and one gather per layer
 """
 
 from __future__ import annotations
@@ -49,7 +54,20 @@ ADAPTERS = {
                     router_aux_loss_coef=0.001, target_modules=TARGETS),
     "lora80": dict(peft_type="LORA", r=80, lora_alpha=160, lora_dropout=0.05, target_modules=TARGETS),
 }
-CASES = ("plain", "zero2", "zero3_default", "zero3", "zero3_big", "zero3_layer")
+# Levers, as (base case, deep-merged overrides). The shipped configs already carry the "lean" settings
+# (no bf16 overflow check, no overlap_comm, no contiguous gradients; ZeRO-3 also keeps the adapter's
+# tensors persistent and uses plain F.linear); "*_ds_defaults" put DeepSpeed's usual values back.
+DS_USUAL = {"bf16": {"check_grad_overflow": True},
+            "zero_optimization": {"overlap_comm": True, "contiguous_gradients": True}}
+VARIANTS = {
+    "zero2_ds_defaults": ("zero2", DS_USUAL),
+    "zero1": ("zero2", {"zero_optimization": {"stage": 1}}),
+    "zero2_overlap": ("zero2", {"zero_optimization": {"overlap_comm": True, "contiguous_gradients": True}}),
+    "zero3_ds_defaults": ("zero3", {**DS_USUAL, "zero_optimization": {
+        **DS_USUAL["zero_optimization"], "stage3_param_persistence_threshold": "auto", "memory_efficient_linear": True}}),
+    "zero3_prefetch": ("zero3", {"zero_optimization": {"stage3_prefetch_bucket_size": 3 * 10**8}}),
+}
+CASES = ("plain", "zero2", "zero3_default", "zero3", "zero3_big", "zero3_layer", *VARIANTS)
 
 
 def case_ds_config(case: str) -> dict:
@@ -57,6 +75,11 @@ def case_ds_config(case: str) -> dict:
               "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
               "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                                        "weight_decay": "auto"}}}
+    if case in VARIANTS:
+        from mixlora_ds.train.ds_config import deep_merge
+
+        base, over = VARIANTS[case]
+        return deep_merge(case_ds_config(base), over)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if case == "zero2":
         return dict(common, **json.load(open(os.path.join(here, "ds_configs/zero2_bf16.json"))))
@@ -162,27 +185,39 @@ def run_case(args) -> dict:
     g = torch.Generator().manual_seed(dist.rank())
     ids = torch.randint(3, vocab, (args.micro, args.seq), generator=g).to(device)
 
-    def step():
+    def forward():
         logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab),
-                                                 ids[:, 1:].reshape(-1))
+        return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+
+    def backward(loss):
+        loss.backward() if args.case == "plain" else model.backward(loss)
+
+    def optimizer_step():
         if args.case == "plain":
-            loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in built.trainable], 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            model.backward(loss)
             model.step()
+
+    def step():
+        loss = forward()
+        backward(loss)
+        optimizer_step()
         return loss
 
     for _ in range(args.warmup):
         step()
     synchronize()
     dist.barrier()
+    if args.profile:
+        profile_step((forward, backward, optimizer_step), device)
     t0 = time.perf_counter()
+    issued = []  # host time per step: shows steps that wait on the device
     for _ in range(args.steps):
+        t_step = time.perf_counter()
         loss = step()
+        issued.append(round((time.perf_counter() - t_step) * 1e3, 1))
     synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     tokens = args.micro * args.seq
@@ -191,7 +226,8 @@ def run_case(args) -> dict:
         "seq": args.seq, "precision": precision, "checkpointing": args.checkpointing, "attn": args.attn,
         "step_ms": round(dt * 1e3, 2), "tokens_per_s_per_gpu": round(tokens / dt, 1),
         "peak_mem_gb": round(peak_mem_gb(), 2), "params": total, "trainable": trainable,
-        "loss": round(float(loss), 4), "device": device.type,
+        "loss": round(float(loss), 4), "device": device.type, "host_ms_per_step": issued,
+        "trainable_tensors": sum(1 for p in built.model.parameters() if p.requires_grad),
     }
     # Report the slowest rank: a step is as fast as its slowest participant.
     t = torch.tensor([dt, result["peak_mem_gb"]], dtype=torch.float64, device=device)
@@ -202,6 +238,49 @@ def run_case(args) -> dict:
     if dist.is_main():
         print("RESULT " + json.dumps(result), flush=True)
     return result
+
+
+def profile_step(phases_fns, device) -> None:
+    """Where a step's time goes: phase times with a sync after each phase, then a torch.profiler table
+    of host-side ops (what keeps the GPU waiting) and the synchronisations issued per step."""
+    import torch
+
+    from mixlora_ds import dist
+
+    forward, backward, optimizer_step = phases_fns
+    times = {"forward": [], "backward": [], "step": []}
+    for _ in range(3):
+        synchronize()
+        t0 = time.perf_counter()
+        loss = forward()
+        synchronize()
+        t1 = time.perf_counter()
+        backward(loss)
+        synchronize()
+        t2 = time.perf_counter()
+        optimizer_step()
+        synchronize()
+        t3 = time.perf_counter()
+        for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            v_ms = v * 1e3
+            times[k].append(v_ms)
+    if dist.is_main():
+        print("PHASES_MS " + json.dumps({k: round(sorted(v)[1], 1) for k, v in times.items()}), flush=True)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(2):
+            backward(forward()) or optimizer_step()
+        synchronize()
+    if dist.is_main():
+        ka = prof.key_averages()
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70), flush=True)
+        if device.type == "cuda":
+            print(ka.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70), flush=True)
+        syncs = {e.key: e.count // 2 for e in ka
+                 if "Synchronize" in e.key or e.key in ("aten::item", "aten::_local_scalar_dense")}
+        print("SYNCS_PER_STEP " + json.dumps(syncs), flush=True)
 
 
 def sweep(args) -> None:
@@ -270,6 +349,7 @@ def main() -> None:
         s.add_argument("--attn", default="sdpa")
         s.add_argument("--checkpointing", action="store_true", help="activation checkpointing (off by default)")
         s.add_argument("--workdir", default="/tmp/bench_zero")
+        s.add_argument("--profile", action="store_true", help="print phase times and a profiler table")
         s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
         if name == "run":
             s.add_argument("--case", required=True, choices=CASES)

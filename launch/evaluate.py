@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--tokenizer", help="tokenizer directory (default: the base model or adapter directory)")
     src.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     src.add_argument("--device", default="auto")
+    src.add_argument("--no-merge-lora", action="store_true",
+                     help="keep LoRA layers separate instead of folding them into the base weights")
 
     data = p.add_argument_group("tasks")
     data.add_argument("--tasks", default="", help=f"comma-separated, from {', '.join(BUILTIN_TASKS)}")
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, rank, world)
     finally:
-        if torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():  # every rank reaches this, also after an error
             torch.distributed.destroy_process_group()
 
 
@@ -158,7 +160,7 @@ def _run(args, rank: int, world: int) -> int:
         t0 = time.perf_counter()
         model, tokenizer = load_for_inference(
             args.base_model, adapter=args.adapter, model_config=args.model_config, tokenizer=args.tokenizer,
-            seed=args.seed, dtype=args.dtype, device=args.device,
+            seed=args.seed, dtype=args.dtype, device=args.device, merge_lora=not args.no_merge_lora,
         )
         load_s = time.perf_counter() - t0
         options = EvalOptions(
@@ -220,4 +222,6 @@ def _run(args, rank: int, world: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mixlora_ds.dist import exit_now
+
+    exit_now(main())

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow)")
+    p.add_argument("--static-cache", action="store_true",
+                   help="a static KV cache: Transformers compiles the decode step (CUDA graphs on a GPU); "
+                        "worth its compile time for long or repeated generation")
+    p.add_argument("--no-merge-lora", action="store_true",
+                   help="keep LoRA layers separate instead of folding them into the base weights")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="write JSONL {prompt, completion} here instead of printing")
@@ -80,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("no prompts: give --prompt or --prompts-file")
         model, tokenizer = load_for_inference(
             args.base_model, adapter=args.adapter, model_config=args.model_config, tokenizer=args.tokenizer,
-            seed=args.model_seed, dtype=args.dtype, device=args.device,
+            seed=args.model_seed, dtype=args.dtype, device=args.device, merge_lora=not args.no_merge_lora,
         )
         completions = generate(
             model, tokenizer, prompts,
             max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size,
-            use_cache=not args.no_cache,
+            use_cache=not args.no_cache, cache_implementation="static" if args.static_cache else None,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

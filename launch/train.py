@@ -83,13 +83,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Everything is saved and the process group is torn down. Skip the interpreter's teardown, where
-    # the destructors of gloo / DeepSpeed worker threads were seen to abort a finished rank
-    # ("terminate called without an active exception") and turn a good run into a failed one.
-    import logging
+    from mixlora_ds.dist import exit_now
 
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    exit_now(main())

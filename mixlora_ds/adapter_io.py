@@ -239,4 +239,7 @@ def _config_of(model: nn.Module) -> MixLoraConfig:
     config = getattr(model, "mixlora_config", None)
     if config is None:
         raise ValueError("model carries no MixLoRA adapter: call inject_mixlora or load_mixlora_adapter first")
+    if getattr(model, "mixlora_merged", False):
+        raise ValueError("this model's LoRA layers were merged into its weights for inference; save the adapter "
+                         "from an unmerged model")
     return config

@@ -304,12 +304,16 @@ def load_for_inference(
     seed: int = 0,
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = "auto",
+    merge_lora: bool = True,
 ):
     """``(model, tokenizer)`` ready for scoring or generation (eval mode, no gradients).
 
     The tokenizer comes from ``tokenizer``, else the base directory, else the adapter directory.
     The base is loaded in ``dtype`` on the device; the adapter's tensors are created beside it in the
     dtype the core gives them (fp32 router and LoRA weights, as the reference keeps them).
+    ``merge_lora`` folds plain LoRA / DoRA layers (MixLoRA's attention LoRAs, the LoRA baselines) into
+    the frozen weights and keeps the expert stacks ready in ``dtype`` (``mixlora_ds.model.merge``):
+    same outputs up to rounding to ``dtype``, and merged projections cost what the base model's do.
     """
     tok_dir = find_tokenizer_dir(tokenizer, base, adapter)
     if tok_dir is None:
@@ -324,6 +328,10 @@ def load_for_inference(
         )
     if adapter is not None:
         model = attach_adapter(model, adapter)
+        if merge_lora:
+            from mixlora_ds.model.merge import prepare_for_inference
+
+            prepare_for_inference(model, dt)
     # Inference only: a frozen adapter lets the layers cache their prepared (cast) weights.
     model.requires_grad_(False)
     return model.eval(), tok
@@ -345,8 +353,12 @@ def generate_ids(
     seed: int = 0,
     use_cache: bool = True,
     min_new_tokens: int = 0,
+    cache_implementation: str | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (prompts batched together, left-padded), EOS and after cut off.
+
+    ``cache_implementation="static"`` preallocates the KV cache so Transformers compiles the decode
+    step (CUDA graphs on a GPU): the fastest decoding, after a one-off compile.
 
     Sampling draws from a private copy of the RNG state seeded by ``seed``: same seed, same text, and
     the caller's RNG is left as it was.
@@ -361,6 +373,8 @@ def generate_ids(
         pad_token_id=pad_id,
         eos_token_id=eos_id,
     )
+    if cache_implementation is not None and use_cache:
+        kwargs["cache_implementation"] = cache_implementation
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
     else:
@@ -393,6 +407,7 @@ def generate(
     batch_size: int = 8,
     use_cache: bool = True,
     add_bos: bool = True,
+    cache_implementation: str | None = None,
 ) -> list[str]:
     """Continuations of ``prompts`` (greedy unless ``do_sample``), decoded without special tokens."""
     if not prompts:
@@ -413,6 +428,7 @@ def generate(
             top_k=top_k,
             seed=seed + start,
             use_cache=use_cache,
+            cache_implementation=cache_implementation,
         )
         texts.extend(tokenizer.decode(row, skip_special_tokens=True) for row in ids)
     return texts

@@ -49,6 +49,9 @@ class ExpertLoraStack(nn.Module):
             nn.Parameter(torch.ones(num_experts, out_features, device=device, dtype=dtype))
             if settings.use_dora else None
         )
+        # Inference snapshot of ``stacked()`` (see ``snapshot_for_inference``); None while trainable.
+        self.register_buffer("inference_A", None, persistent=False)
+        self.register_buffer("inference_B", None, persistent=False)
 
     @property
     def num_experts(self) -> int:
@@ -68,8 +71,17 @@ class ExpertLoraStack(nn.Module):
         with the LoRA scaling folded in (scaling the small weight saves a pass over activations),
         and the dropout probability (0 outside training). Cached for a frozen adapter
         (``cached_for_inference``)."""
+        if self.inference_A is not None and not self.training and self.inference_A.dtype == dtype:
+            return self.inference_A, self.inference_B, 0.0
         p = self.settings.lora_dropout if self.training else 0.0
         return (*cached_for_inference(self, (self.lora_A, self.lora_B), dtype, lambda: self._stack(dtype)), p)
+
+    @torch.no_grad()
+    def snapshot_for_inference(self, dtype: torch.dtype) -> None:
+        """Keep ``stacked()``'s prepared weights as buffers, so a compiled decode step reads them
+        instead of re-casting and re-scaling the fp32 stacks for every token. A snapshot: later
+        changes to ``lora_A`` / ``lora_B`` are not seen (inference only)."""
+        self.inference_A, self.inference_B = self._stack(dtype)
 
     def _stack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         E, r, _ = self.lora_A.shape

@@ -190,6 +190,11 @@ class Trainer:
             iv.routed_tokens += s.tokens
             iv.dropped_L += s.dropped_L.double()
 
+    def check_finite(self, iv: Interval) -> None:
+        """Refuse to go on (and to save) once the loss is NaN/inf on any rank."""
+        if iv.steps:
+            _raise_if_diverged(dist.all_reduce_(torch.stack(iv.ce).sum().view(1)).cpu().numpy(), iv)
+
     # ----------------------------------------------------------------------------------- logging
     def flush_interval(self, iv: Interval) -> None:
         """One all-reduce of every local statistic, then rank 0 writes scalars and the console line."""
@@ -201,6 +206,7 @@ class Trainer:
             iv.task_ce, iv.task_tokens, iv.counts_LE.flatten(), iv.entropy_L, iv.routed_tokens.view(1), iv.dropped_L,
         ])
         t = dist.all_reduce_(flat).cpu().numpy()
+        _raise_if_diverged(t[:n], iv)
         if not dist.is_main():
             return
         tokens = [float(x) for x in iv.tokens]
@@ -342,6 +348,7 @@ class Trainer:
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                 self.evaluate()
             if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                self.check_finite(iv)
                 self.save("periodic")
                 last_saved = self.step
         self.flush_interval(iv)
@@ -381,3 +388,11 @@ def train(plan: RunPlan, resume: str | None = None) -> int:
     trainer = Trainer(plan, resume)
     trainer.setup()
     return trainer.run()
+
+
+def _raise_if_diverged(losses: np.ndarray, iv: Interval) -> None:
+    # The shipped bf16 DeepSpeed configs skip DeepSpeed's per-tensor overflow check (it costs a fifth
+    # of a step); a diverged run is stopped here instead, on every rank alike, before it is saved.
+    if not np.isfinite(losses).all():
+        raise FloatingPointError(f"non-finite training loss within steps {iv.steps[0]}-{iv.steps[-1]}; lower the "
+                                 f"learning rate or resume from an earlier checkpoint")

@@ -53,6 +53,18 @@ def test_batched_left_padded_generation_equals_single(mixlora_model, tokenizer):
     assert together == alone
     no_cache = generate(mixlora_model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=3, use_cache=False)
     assert no_cache == together
+    static = generate(mixlora_model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=3,
+                      cache_implementation="static")
+    assert static == together
+
+
+def test_merged_and_unmerged_adapters_generate_alike(base_dir, mixlora_dir, dora_dir, tokenizer):
+    for adapter in (mixlora_dir, dora_dir):
+        merged, _ = load_for_inference(base_dir, adapter=adapter, dtype="float32", device="cpu")
+        unmerged, _ = load_for_inference(base_dir, adapter=adapter, dtype="float32", device="cpu", merge_lora=False)
+        assert getattr(merged, "mixlora_merged", False) and not getattr(unmerged, "mixlora_merged", False)
+        assert generate(merged, tokenizer, PROMPTS, max_new_tokens=10) == generate(unmerged, tokenizer, PROMPTS,
+                                                                                   max_new_tokens=10)
 
 
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone(mixlora_model, tokenizer):

@@ -73,7 +73,7 @@ def test_ds_auto_values_resolved_from_the_run_config(tmp_path):
     assert ds["optimizer"]["params"]["lr"] == 2e-4 and ds["optimizer"]["params"]["torch_adam"] is True
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["reduce_bucket_size"] == 4096 * 4096
-    assert z["stage3_param_persistence_threshold"] == 10 * 4096
+    assert z["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
     cpu = resolve_ds_config(load_config(str(REPO / "configs" / "tiny.yaml")), 2, 64, "cpu")
     assert cpu["bf16"]["enabled"] is False
     assert cpu["zero_optimization"]["stage3_param_persistence_threshold"] == 0
