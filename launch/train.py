@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"[rank {rank}] checkpoint error: {e}", file=sys.stderr, flush=True)
         return 2
+    except FloatingPointError as e:  # raised on every rank at the same step; nothing is saved after it
+        print(f"[rank {rank}] training diverged: {e}", file=sys.stderr, flush=True)
+        return 3
 
 
 if __name__ == "__main__":

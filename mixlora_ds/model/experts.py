@@ -186,24 +186,33 @@ def ffn_grouped(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routin
 
 
 def dense_pair_math(x_TD: torch.Tensor, onehot_TKE: torch.Tensor, weight_TK: torch.Tensor,
-                    pre_dense: list[torch.Tensor], in_loras: list, out_lora, gated: bool, act) -> tuple[torch.Tensor, ...]:
+                    pre_dense: list[torch.Tensor], in_loras: list, out_lora, gated: bool, act,
+                    fused_in: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """The per-pair part of the masked-dense path, as one pure function (so it can be compiled).
 
     ``in_loras[i]`` / ``out_lora``: ``(A [E*r, in], B [E*r, out] pre-scaled, dropout p)`` or None.
     Every expert's rank-r code is computed (one GEMM of width E*r), the unchosen ones are zeroed, and
     one GEMM of depth E*r applies all B matrices. With E*r small this extra arithmetic is free (the
     GEMMs are memory-bound), and there is no sort, gather or data-dependent shape.
+    ``fused_in`` (inference, no dropout): both input projections' LoRAs as one ``A [2*E*r, in]`` and one
+    ``B [2, E*r, out]``, so a decode step runs one GEMM and one batched GEMM instead of four.
     Returns the weight-mixed intermediate ``[T, I]`` and, with an output LoRA, its mixed delta ``[T, D]``.
     """
     T, K, E = onehot_TKE.shape
-    pre = []
-    for dense_TF, lora in zip(pre_dense, in_loras):
-        pre_TKF = dense_TF.unsqueeze(1)
-        if lora is not None:
-            A, B, p = lora
-            code_TKEr = (_dropout(x_TD, p) @ A.t()).view(T, 1, E, -1) * onehot_TKE.unsqueeze(-1)
-            pre_TKF = pre_TKF + (code_TKEr.reshape(T * K, -1) @ B).view(T, K, -1)
-        pre.append(pre_TKF.expand(-1, K, -1))
+    if fused_in is not None:
+        A, B = fused_in
+        code_TK2Er = ((x_TD @ A.t()).view(T, 1, 2, E, -1) * onehot_TKE.view(T, K, 1, E, 1)).reshape(T * K, 2, -1)
+        delta_2PF = torch.bmm(code_TK2Er.transpose(0, 1), B)
+        pre = [dense_TF.unsqueeze(1) + delta_2PF[i].view(T, K, -1) for i, dense_TF in enumerate(pre_dense)]
+    else:
+        pre = []
+        for dense_TF, lora in zip(pre_dense, in_loras):
+            pre_TKF = dense_TF.unsqueeze(1)
+            if lora is not None:
+                A, B, p = lora
+                code_TKEr = (_dropout(x_TD, p) @ A.t()).view(T, 1, E, -1) * onehot_TKE.unsqueeze(-1)
+                pre_TKF = pre_TKF + (code_TKEr.reshape(T * K, -1) @ B).view(T, K, -1)
+            pre.append(pre_TKF.expand(-1, K, -1))
     h_TKI = activate(pre, gated, act)
     w_TK1 = weight_TK.to(h_TKI.dtype).unsqueeze(-1)
     mixed_TI = (h_TKI * w_TK1).sum(dim=1)
@@ -238,23 +247,25 @@ def _disable_compile(error: Exception) -> None:
 
 
 def ffn_dense(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing,
-              recompute: bool = True, compiled: bool | None = None) -> torch.Tensor:
+              recompute: bool = True, compiled: bool | None = None,
+              fused_in: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Optimized path without dispatch: pairs stay in token order ``[T, K, ...]`` and each expert
     LoRA runs as a masked GEMM over all experts (``dense_pair_math``). Same sharing of W1 x / W3 x
     and the same W2 fold as ``ffn_grouped``. ``compiled`` fuses the per-pair element-wise work with
-    ``torch.compile`` (None: on CUDA devices only).
+    ``torch.compile`` (None: on CUDA devices only). ``fused_in``: see ``dense_pair_math``.
 
     Dropout on the input projections' LoRA input is drawn once per token and shared by its K
     experts (the reference draws one mask per expert); identical in eval mode and in expectation.
     """
     pre_dense = [ffn.projection(n)(x_TD) for n in ffn.input_names]
     onehot_TKE = torch.nn.functional.one_hot(routing.expert_TK, routing.num_experts).to(x_TD.dtype)
-    in_loras = [stacks[n].stacked(x_TD.dtype) if n in stacks else None for n in ffn.input_names]
+    in_loras = [] if fused_in is not None else [
+        stacks[n].stacked(x_TD.dtype) if n in stacks else None for n in ffn.input_names]
     out_lora = stacks[ffn.output_name].stacked(x_TD.dtype) if ffn.output_name in stacks else None
     if compiled is None:  # auto: fuse on GPUs, where launch count and memory passes dominate
         compiled = x_TD.is_cuda
     args = (onehot_TKE, routing.weight_TK)
-    statics = (in_loras, out_lora, ffn.gated, ffn.act)
+    statics = (in_loras, out_lora, ffn.gated, ffn.act, fused_in)
 
     def per_pair(x_TD: torch.Tensor, *pre_dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if compiled and _compiled_pair_math is not False and not torch.compiler.is_compiling():

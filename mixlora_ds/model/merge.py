@@ -5,8 +5,8 @@
   rounded once to the base dtype. Those projections then cost exactly what the base model's do, which is
   what a batch-1 decode step is made of.
 - MixLoRA's expert LoRAs cannot be merged (each token picks its own experts); their prepared form
-  (cast to the activation dtype, stacked, scaled) is kept as buffers instead of being rebuilt from the
-  fp32 parameters at every decode step.
+  (cast to the activation dtype, stacked, scaled; gate and up fused) is kept as buffers instead of being
+  rebuilt from the fp32 parameters at every decode step.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mixlora_ds.model.experts import ExpertLoraStack
 from mixlora_ds.model.lora import LoraLinear
+from mixlora_ds.model.moe import moe_blocks
 
 
 @torch.no_grad()
@@ -52,8 +52,7 @@ def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None) ->
     dtype = dtype or next(model.parameters()).dtype
     model.requires_grad_(False)
     merge_lora_layers(model)
-    for stack in model.modules():
-        if isinstance(stack, ExpertLoraStack) and stack.lora_magnitude_vector is None:
-            stack.snapshot_for_inference(dtype)
+    for block in moe_blocks(model):
+        block.snapshot_for_inference(dtype)
     model.mixlora_merged = True
     return model.eval()

@@ -57,6 +57,27 @@ class MixLoraMoeBlock(nn.Module):
         """Fuse the dense path's per-pair element-wise work with torch.compile; None = on CUDA only."""
         self.ffn_dropout = nn.Dropout(config.ffn_dropout) if config.ffn_dropout > 0 else nn.Identity()
         self.last_routing: Routing | None = None
+        # Inference snapshot of both input projections' expert LoRAs, fused (``snapshot_for_inference``).
+        self.register_buffer("inference_in_A", None, persistent=False)
+        self.register_buffer("inference_in_B", None, persistent=False)
+
+    @torch.no_grad()
+    def snapshot_for_inference(self, dtype: torch.dtype) -> None:
+        """Keep the experts' prepared weights in ``dtype`` (see ``ExpertLoraStack.snapshot_for_inference``);
+        with a gated FFN whose two input projections both carry experts, also as one fused pair, so a
+        decode step runs two kernels for them instead of four. Inference only: a snapshot."""
+        if self.compute_path == "loop":  # DoRA experts: nothing prepared to keep
+            return
+        for stack in self.experts.values():
+            stack.snapshot_for_inference(dtype)
+        names = self.ffn.input_names
+        if self.ffn.gated and len(names) == 2 and all(n in self.experts for n in names):
+            first, second = (self.experts[n] for n in names)
+            self.inference_in_A = torch.cat([first.inference_A, second.inference_A])
+            self.inference_in_B = torch.stack([first.inference_B, second.inference_B])
+            rows = first.inference_A.shape[0]  # the per-projection snapshots become views: no copy kept twice
+            first.inference_A, second.inference_A = self.inference_in_A[:rows], self.inference_in_A[rows:]
+            first.inference_B, second.inference_B = self.inference_in_B[0], self.inference_in_B[1]
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_BSD.shape[:-1]
@@ -71,7 +92,9 @@ class MixLoraMoeBlock(nn.Module):
         if self.compute_path == "loop":
             y_TD = ffn_loop(self.ffn, self.experts, x_TD, routing)
         elif self.compute_path == "dense":
-            y_TD = ffn_dense(self.ffn, self.experts, x_TD, routing, recompute=self.recompute, compiled=self.compiled)
+            fused = self.inference_in_A is not None and not self.training and self.inference_in_A.dtype == x_TD.dtype
+            y_TD = ffn_dense(self.ffn, self.experts, x_TD, routing, recompute=self.recompute, compiled=self.compiled,
+                             fused_in=(self.inference_in_A, self.inference_in_B) if fused else None)
         else:
             y_TD = ffn_grouped(self.ffn, self.experts, x_TD, routing, self.dispatcher, recompute=self.recompute)
         y_TD = self.ffn_dropout(y_TD)

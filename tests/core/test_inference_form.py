@@ -12,6 +12,7 @@ from mixlora_ds import MixLoraConfig, inject_mixlora, save_mixlora_adapter
 from mixlora_ds.model.experts import ExpertLoraStack
 from mixlora_ds.model.lora import LoraLinear
 from mixlora_ds.model.merge import prepare_for_inference
+from mixlora_ds.model.moe import moe_blocks
 
 from .tiny_models import FAMILIES, VOCAB, randomize_adapter, targets_for, tiny_model
 
@@ -42,6 +43,9 @@ def test_prepared_model_gives_the_unmerged_logits(model_type, kind):
     stacks = [m for m in prepared.modules() if isinstance(m, ExpertLoraStack)]
     assert all(s.inference_A is not None for s in stacks) and (kind == "mixlora") == bool(stacks)
     assert not any(p.requires_grad for p in prepared.parameters())
+    # Gate and up projections fused into one pair where the family has both (not phi3's gate_up, phi's fc1).
+    fused_expected = kind == "mixlora" and model_type not in ("phi3", "phi")
+    assert all((b.inference_in_A is not None) == fused_expected for b in moe_blocks(prepared))
     with torch.no_grad():
         got = prepared(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

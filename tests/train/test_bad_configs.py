@@ -80,3 +80,19 @@ def test_launcher_returns_promptly_on_a_bad_config(assets, runs_root):
     result = run_training(2, cfg, out, timeout=180)
     assert result.returncode != 0
     assert "config error:" in result.output and "unknown key 'optim.lrr'" in result.output
+
+
+def test_diverged_run_stops_before_saving(assets, runs_root):
+    """With DeepSpeed's bf16 overflow check off (the shipped GPU configs), the loop itself stops a run
+    whose loss is no longer finite: exit 3, a message with the steps, and no checkpoint after it."""
+    out = runs_root / "diverged"
+    cfg = run_config(assets, out, optim__lr=1e30, schedule__warmup_steps=0, schedule__type="constant",
+                     optim__max_grad_norm=0.0, eval__every_steps=0, checkpoint__every_steps=2)
+    result = run_training(1, write_config(cfg, runs_root / "diverged.yaml"), out)
+    assert result.returncode == 3, result.output[-3000:]
+    assert "training diverged: non-finite training loss within steps" in result.output
+    assert not (out / "adapter").exists()
+    from mixlora_ds.train.checkpoint import list_checkpoints
+
+    saved = [c.step for c in list_checkpoints(str(out / "checkpoints"), complete_only=False)]
+    assert saved == [], saved  # lr 1e30: the first update already breaks the model
