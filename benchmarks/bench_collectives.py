@@ -29,7 +29,7 @@ def main() -> None:
     dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     n, rank = dist.get_world_size(), dist.get_rank()
     for mb in [int(s) for s in args.sizes_mb.split(",")]:
-        numel = mb * 2**20 // 2
+        numel = mb * 2**20 // 2 // n * n  # divisible by the GPU count, for reduce-scatter
         x = torch.ones(numel, dtype=torch.bfloat16, device="cuda")
         out = torch.empty(numel * n, dtype=torch.bfloat16, device="cuda")
         shard = torch.empty(numel // n, dtype=torch.bfloat16, device="cuda")

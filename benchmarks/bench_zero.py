@@ -8,24 +8,22 @@ a LoRA r=80 baseline, and reports per-GPU tokens/s and peak memory as JSON lines
 One case (under a launcher, one process per GPU):
     torchrun --standalone --nproc_per_node 2 benchmarks/bench_zero.py run --case zero3 --adapter mixlora
 A sweep (spawns one launcher per case and GPU count, prints a table, appends JSON lines to --out):
-    python benchmarks/bench_zero.py sweep --gpus 1,2,4 --cases plain,zero2,zero3_default,zero3 \
+    python benchmarks/bench_zero.py sweep --gpus 1,2,4 --cases plain,zero2,zero3 \
         --adapters lora80,mixlora --out bench_zero.jsonl
 CPU smoke test (tiny model, fp32, gloo):
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python benchmarks/bench_zero.py sweep --model tiny --gpus 1,2 \
         --cases plain,zero2,zero3 --adapters lora80,mixlora --steps 2 --warmup 1 --micro 1 --seq 64
 
-Cases (ds settings are written out in ``case_ds_config``):
+Cases (the shipped configs, and levers on top of them in ``VARIANTS``):
     plain              one process, no DeepSpeed, torch AdamW (the reference point)
     zero2              ZeRO-2 as shipped in ds_configs/zero2_bf16.json (frozen base replicated)
-    zero3              ZeRO-3 as shipped in ds_configs/zero3_bf16.json (one gather per decoder layer)
-    zero2_ds_defaults  lever: zero2 with DeepSpeed's usual overflow check, overlap_comm, contiguous gradients
-    zero1              lever: zero2's settings at stage 1
-    zero2_overlap      lever: zero2 reducing gradients on a side stream, overlapped with backward
-    zero3_ds_defaults  lever: zero3 with DeepSpeed's usual overflow check, overlap, persistence, linear
-    zero3_prefetch     lever: zero3 prefetching ~one decoder layer ahead
-    zero3_default      ZeRO-3 with DeepSpeed's default persistence / prefetch settings
-    zero3_big          ZeRO-3 with large persistence / prefetch buckets
-    zero3_layer        ZeRO-3 with "auto" buckets (the first shipped settings) and one gather per layer
+    zero3              ZeRO-3 as shipped in ds_configs/zero3_bf16.json (one gather per decoder layer,
+                       the training config's default ``deepspeed.zero3_gather: layer``)
+    zero2_ds_defaults  zero2 with DeepSpeed's usual overflow check, overlap_comm, contiguous gradients
+    zero1              zero2's settings at stage 1
+    zero2_overlap      zero2 reducing gradients on a side stream, overlapped with backward
+    zero3_ds_defaults  zero3 with DeepSpeed's usual overlap, buckets, persistence and linear
+    zero3_prefetch     zero3 prefetching about one decoder layer ahead
 """
 
 from __future__ import annotations
@@ -54,51 +52,34 @@ ADAPTERS = {
                     router_aux_loss_coef=0.001, target_modules=TARGETS),
     "lora80": dict(peft_type="LORA", r=80, lora_alpha=160, lora_dropout=0.05, target_modules=TARGETS),
 }
-# Levers, as (base case, deep-merged overrides). The shipped configs already carry the "lean" settings
-# (no bf16 overflow check, no overlap_comm, no contiguous gradients; ZeRO-3 also keeps the adapter's
-# tensors persistent and uses plain F.linear); "*_ds_defaults" put DeepSpeed's usual values back.
-DS_USUAL = {"bf16": {"check_grad_overflow": True},
-            "zero_optimization": {"overlap_comm": True, "contiguous_gradients": True}}
+# Levers, as (base case, deep-merged overrides). The shipped configs already carry the lean settings
+# (no overlap_comm, no contiguous gradient buckets; ZeRO-2 also no bf16 overflow check, which stage 3
+# ignores; ZeRO-3 also keeps the adapter's tensors persistent and uses plain F.linear);
+# "*_ds_defaults" put DeepSpeed's usual values back.
+USUAL_BUCKETS = {"overlap_comm": True, "contiguous_gradients": True}
 VARIANTS = {
-    "zero2_ds_defaults": ("zero2", DS_USUAL),
+    "zero2_ds_defaults": ("zero2", {"bf16": {"check_grad_overflow": True}, "zero_optimization": USUAL_BUCKETS}),
     "zero1": ("zero2", {"zero_optimization": {"stage": 1}}),
-    "zero2_overlap": ("zero2", {"zero_optimization": {"overlap_comm": True, "contiguous_gradients": True}}),
-    "zero3_ds_defaults": ("zero3", {**DS_USUAL, "zero_optimization": {
-        **DS_USUAL["zero_optimization"], "stage3_param_persistence_threshold": "auto", "memory_efficient_linear": True}}),
+    "zero2_overlap": ("zero2", {"zero_optimization": USUAL_BUCKETS}),
+    "zero3_ds_defaults": ("zero3", {"zero_optimization": dict(
+        USUAL_BUCKETS, stage3_param_persistence_threshold="auto", memory_efficient_linear=True)}),
     "zero3_prefetch": ("zero3", {"zero_optimization": {"stage3_prefetch_bucket_size": 3 * 10**8}}),
 }
-CASES = ("plain", "zero2", "zero3_default", "zero3", "zero3_big", "zero3_layer", *VARIANTS)
+CASES = ("plain", "zero2", "zero3", *VARIANTS)
 
 
 def case_ds_config(case: str) -> dict:
-    common = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-              "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-              "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                       "weight_decay": "auto"}}}
+    """The DeepSpeed dict of a case: a shipped config (its "auto" values resolved later), or a variant."""
     if case in VARIANTS:
         from mixlora_ds.train.ds_config import deep_merge
 
         base, over = VARIANTS[case]
         return deep_merge(case_ds_config(base), over)
+    if case not in ("zero2", "zero3"):
+        raise ValueError(case)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if case == "zero2":
-        return dict(common, **json.load(open(os.path.join(here, "ds_configs/zero2_bf16.json"))))
-    if case == "zero3":
-        return dict(common, **json.load(open(os.path.join(here, "ds_configs/zero3_bf16.json"))))
-    z3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True}
-    if case == "zero3_default":
-        return dict(common, zero_optimization=z3)
-    if case == "zero3_big":
-        return dict(common, zero_optimization=dict(z3, stage3_param_persistence_threshold=10**8,
-                                                   stage3_prefetch_bucket_size=5 * 10**8,
-                                                   reduce_bucket_size=5 * 10**8,
-                                                   stage3_max_live_parameters=3 * 10**9,
-                                                   stage3_max_reuse_distance=3 * 10**9))
-    if case == "zero3_layer":
-        return dict(common, zero_optimization=dict(z3, stage3_param_persistence_threshold="auto",
-                                                   stage3_prefetch_bucket_size="auto",
-                                                   reduce_bucket_size="auto"))
-    raise ValueError(case)
+    with open(os.path.join(here, "ds_configs", f"{case}_bf16.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def make_config(args, world: int):
@@ -172,11 +153,6 @@ def run_case(args) -> dict:
         else:
             with torch.device(device):
                 built = build_model(cfg, ds_config, precision, stage)
-        if args.case == "zero3_layer":
-            from deepspeed.utils import set_z3_leaf_modules
-            from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-            set_z3_leaf_modules(built.model, [LlamaDecoderLayer])
         model, opt, _, _ = deepspeed.initialize(model=built.model,
                                                 model_parameters=[p for _, p in built.trainable],
                                                 config=ds_config)
@@ -262,8 +238,7 @@ def profile_step(phases_fns, device) -> None:
         synchronize()
         t3 = time.perf_counter()
         for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-            v_ms = v * 1e3
-            times[k].append(v_ms)
+            times[k].append(v * 1e3)
     if dist.is_main():
         print("PHASES_MS " + json.dumps({k: round(sorted(v)[1], 1) for k, v in times.items()}), flush=True)
     acts = [torch.profiler.ProfilerActivity.CPU]
@@ -271,7 +246,8 @@ def profile_step(phases_fns, device) -> None:
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(2):
-            backward(forward()) or optimizer_step()
+            backward(forward())
+            optimizer_step()
         synchronize()
     if dist.is_main():
         ka = prof.key_averages()
@@ -355,7 +331,7 @@ def main() -> None:
             s.add_argument("--case", required=True, choices=CASES)
             s.add_argument("--adapter", default="mixlora", choices=sorted(ADAPTERS))
         else:
-            s.add_argument("--cases", default="plain,zero2,zero3_default,zero3,zero3_big,zero3_layer")
+            s.add_argument("--cases", default="plain,zero2,zero3")
             s.add_argument("--adapters", default="lora80,mixlora")
             s.add_argument("--gpus", default="1,2")
             s.add_argument("--out", default=None)

@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow)")
     p.add_argument("--static-cache", action="store_true",
-                   help="a static KV cache: Transformers compiles the decode step (CUDA graphs on a GPU); "
-                        "worth its compile time for long or repeated generation")
+                   help="a static KV cache; on a GPU Transformers then compiles the decode step into CUDA "
+                        "graphs: worth its compile time for long or repeated generation")
     p.add_argument("--no-merge-lora", action="store_true",
                    help="keep LoRA layers separate instead of folding them into the base weights")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")

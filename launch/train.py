@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FloatingPointError as e:  # raised on every rank at the same step; nothing is saved after it
         print(f"[rank {rank}] training diverged: {e}", file=sys.stderr, flush=True)
+        dist.shutdown()
         return 3
 
 

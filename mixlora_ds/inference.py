@@ -357,8 +357,8 @@ def generate_ids(
 ) -> list[list[int]]:
     """New token ids per prompt (prompts batched together, left-padded), EOS and after cut off.
 
-    ``cache_implementation="static"`` preallocates the KV cache so Transformers compiles the decode
-    step (CUDA graphs on a GPU): the fastest decoding, after a one-off compile.
+    ``cache_implementation="static"`` preallocates the KV cache; on a GPU Transformers then compiles
+    the decode step into CUDA graphs: the fastest decoding, after a one-off compile.
 
     Sampling draws from a private copy of the RNG state seeded by ``seed``: same seed, same text, and
     the caller's RNG is left as it was.

@@ -79,9 +79,15 @@ class ExpertLoraStack(nn.Module):
     @torch.no_grad()
     def snapshot_for_inference(self, dtype: torch.dtype) -> None:
         """Keep ``stacked()``'s prepared weights as buffers, so a compiled decode step reads them
-        instead of re-casting and re-scaling the fp32 stacks for every token. A snapshot: later
-        changes to ``lora_A`` / ``lora_B`` are not seen (inference only)."""
+        instead of re-casting and re-scaling the fp32 stacks for every token (``cached_for_inference``
+        does the same for eager code, but is bypassed while compiling). A snapshot for inference only:
+        ``train()`` drops it."""
         self.inference_A, self.inference_B = self._stack(dtype)
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.inference_A = self.inference_B = None
+        return super().train(mode)
 
     def _stack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         E, r, _ = self.lora_A.shape

@@ -64,20 +64,24 @@ class MixLoraMoeBlock(nn.Module):
     @torch.no_grad()
     def snapshot_for_inference(self, dtype: torch.dtype) -> None:
         """Keep the experts' prepared weights in ``dtype`` (see ``ExpertLoraStack.snapshot_for_inference``);
-        with a gated FFN whose two input projections both carry experts, also as one fused pair, so a
-        decode step runs two kernels for them instead of four. Inference only: a snapshot."""
-        if self.compute_path == "loop":  # DoRA experts: nothing prepared to keep
+        with a gated FFN whose two input projections both carry experts, those two as one fused pair
+        instead, so a decode step runs two kernels for them rather than four. Inference only: a
+        snapshot, dropped by ``train()``."""
+        if self.compute_path != "dense":  # the fused pair and snapshots serve the dense path only
             return
-        for stack in self.experts.values():
-            stack.snapshot_for_inference(dtype)
         names = self.ffn.input_names
-        if self.ffn.gated and len(names) == 2 and all(n in self.experts for n in names):
-            first, second = (self.experts[n] for n in names)
-            self.inference_in_A = torch.cat([first.inference_A, second.inference_A])
-            self.inference_in_B = torch.stack([first.inference_B, second.inference_B])
-            rows = first.inference_A.shape[0]  # the per-projection snapshots become views: no copy kept twice
-            first.inference_A, second.inference_A = self.inference_in_A[:rows], self.inference_in_A[rows:]
-            first.inference_B, second.inference_B = self.inference_in_B[0], self.inference_in_B[1]
+        fuse = self.ffn.gated and len(names) == 2 and all(n in self.experts for n in names)
+        if fuse:
+            (a1, b1), (a2, b2) = (self.experts[n]._stack(dtype) for n in names)
+            self.inference_in_A, self.inference_in_B = torch.cat([a1, a2]), torch.stack([b1, b2])
+        for name, stack in self.experts.items():
+            if not (fuse and name in names):
+                stack.snapshot_for_inference(dtype)
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.inference_in_A = self.inference_in_B = None
+        return super().train(mode)
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_BSD.shape[:-1]

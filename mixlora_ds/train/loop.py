@@ -210,7 +210,7 @@ class Trainer:
         if not dist.is_main():
             return
         tokens = [float(x) for x in iv.tokens]
-        grad_norm = [float(g) if g is not None else float("nan") for g in iv.grad_norm]
+        grad_norm = _grad_norms(iv)
         o = 0
         ce = t[o:o + n]; o += n
         aux = t[o:o + n]; o += n
@@ -390,9 +390,17 @@ def train(plan: RunPlan, resume: str | None = None) -> int:
     return trainer.run()
 
 
+def _grad_norms(iv: Interval) -> list[float]:
+    """The interval's global gradient norms (the same on every rank); NaN where none was computed."""
+    return [float(g) if g is not None else float("nan") for g in iv.grad_norm]
+
+
 def _raise_if_diverged(losses: np.ndarray, iv: Interval) -> None:
-    # The shipped bf16 DeepSpeed configs skip DeepSpeed's per-tensor overflow check (it costs a fifth
-    # of a step); a diverged run is stopped here instead, on every rank alike, before it is saved.
-    if not np.isfinite(losses).all():
-        raise FloatingPointError(f"non-finite training loss within steps {iv.steps[0]}-{iv.steps[-1]}; lower the "
-                                 f"learning rate or resume from an earlier checkpoint")
+    # The shipped ZeRO-2 bf16 config skips DeepSpeed's per-tensor overflow check (it costs a fifth of a
+    # step), and with it DeepSpeed's skipping of a step whose gradient norm is NaN/inf. A diverged run is
+    # stopped here instead, on every rank alike (losses are all-reduced, norms global), before anything
+    # is saved: a non-finite loss, or a non-finite gradient norm (already applied, so not to be saved).
+    norms = [float(g) for g in iv.grad_norm if g is not None]  # None: clipping off, no norm computed
+    if not (np.isfinite(losses).all() and np.isfinite(norms).all()):
+        raise FloatingPointError(f"non-finite training loss or gradient norm within steps {iv.steps[0]}-"
+                                 f"{iv.steps[-1]}; lower the learning rate or resume from an earlier checkpoint")

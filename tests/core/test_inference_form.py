@@ -40,12 +40,16 @@ def test_prepared_model_gives_the_unmerged_logits(model_type, kind):
         expected = model(input_ids=ids).logits
     prepared = prepare_for_inference(copy.deepcopy(model))
     assert not any(isinstance(m, LoraLinear) for m in prepared.modules())
-    stacks = [m for m in prepared.modules() if isinstance(m, ExpertLoraStack)]
-    assert all(s.inference_A is not None for s in stacks) and (kind == "mixlora") == bool(stacks)
     assert not any(p.requires_grad for p in prepared.parameters())
-    # Gate and up projections fused into one pair where the family has both (not phi3's gate_up, phi's fc1).
-    fused_expected = kind == "mixlora" and model_type not in ("phi3", "phi")
-    assert all((b.inference_in_A is not None) == fused_expected for b in moe_blocks(prepared))
+    # Gate and up projections fused into one pair where the family has both (not phi3's gate_up, phi's
+    # fc1); every other expert stack keeps its own snapshot.
+    blocks = moe_blocks(prepared)
+    assert (kind == "mixlora") == bool(blocks)
+    for block in blocks:
+        fused = block.inference_in_A is not None
+        assert fused == (model_type not in ("phi3", "phi"))
+        rest = [s for n, s in block.experts.items() if not (fused and n in block.ffn.input_names)]
+        assert rest and all(s.inference_A is not None for s in rest)
     with torch.no_grad():
         got = prepared(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
@@ -65,6 +69,14 @@ def test_bf16_prepared_model_is_as_accurate_as_the_unmerged_one():
         unmerged = (bf16(input_ids=ids).logits.double() - expected).abs().median()
         merged = (prepare_for_inference(bf16, torch.bfloat16)(input_ids=ids).logits.double() - expected).abs().median()
     assert merged <= 1.5 * unmerged + 1e-4, (merged, unmerged)
+
+
+def test_training_mode_drops_the_snapshots():
+    """A snapshot would go stale once the experts train again; ``train()`` drops it."""
+    model = prepare_for_inference(_adapted("llama", "mixlora"))
+    model.train()
+    assert all(b.inference_in_A is None for b in moe_blocks(model))
+    assert all(s.inference_A is None for s in model.modules() if isinstance(s, ExpertLoraStack))
 
 
 def test_prepared_model_refuses_to_save_its_adapter(tmp_path):
