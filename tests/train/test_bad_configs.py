@@ -82,15 +82,18 @@ def test_launcher_returns_promptly_on_a_bad_config(assets, runs_root):
     assert "config error:" in result.output and "unknown key 'optim.lrr'" in result.output
 
 
-def test_diverged_run_stops_before_saving(assets, runs_root):
-    """With DeepSpeed's bf16 overflow check off (the shipped GPU configs), the loop itself stops a run
-    whose loss is no longer finite: exit 3, a message with the steps, and no checkpoint after it."""
-    out = runs_root / "diverged"
+@pytest.mark.parametrize("ds_config", ["zero3_cpu.json", "zero2_bf16.json"])
+def test_diverged_run_stops_before_saving(assets, runs_root, ds_config):
+    """The loop itself stops a run whose loss or gradient norm is no longer finite (the shipped ZeRO-2
+    config turns DeepSpeed's overflow check off; in fp32 it is off anyway): exit 3, a message naming
+    the steps, and no checkpoint or adapter written after it."""
+    out = runs_root / f"diverged_{ds_config.split('.')[0]}"
     cfg = run_config(assets, out, optim__lr=1e30, schedule__warmup_steps=0, schedule__type="constant",
-                     optim__max_grad_norm=0.0, eval__every_steps=0, checkpoint__every_steps=2)
-    result = run_training(1, write_config(cfg, runs_root / "diverged.yaml"), out)
+                     eval__every_steps=0, checkpoint__every_steps=2,
+                     deepspeed__config=str(REPO / "ds_configs" / ds_config))
+    result = run_training(1, write_config(cfg, runs_root / f"{out.name}.yaml"), out)
     assert result.returncode == 3, result.output[-3000:]
-    assert "training diverged: non-finite training loss within steps" in result.output
+    assert "training diverged: non-finite training loss or gradient norm within steps" in result.output
     assert not (out / "adapter").exists()
     from mixlora_ds.train.checkpoint import list_checkpoints
 
