@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, rank, world)
     finally:
-        if torch.distributed.is_initialized():  # every rank reaches this, also after an error
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
