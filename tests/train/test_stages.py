@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.train.conftest import assert_ok, max_adapter_diff, run_config, run_training, write_config
+from tests.train.conftest import REPO, assert_ok, max_adapter_diff, run_config, run_training, write_config
 from tests.train.oracle import oracle_run
 
 pytestmark = pytest.mark.distributed
@@ -38,6 +38,22 @@ def test_zero_stage_matches_oracle(variant, oracle, assets, runs_root):
     assert_ok(result)
     stage = VARIANTS[variant]["zero_optimization"]["stage"]
     assert f"ZeRO stage {stage}" in result.output
+    losses, export = oracle
+    got = result.metrics()
+    assert max(abs(got[s + 1]["loss"] - losses[s]) for s in range(STEPS)) <= 1e-5
+    assert max_adapter_diff(out / "adapter", export) <= 1e-5
+
+
+@pytest.mark.parametrize("shipped", ["zero2_bf16.json", "zero3_bf16.json"])
+def test_shipped_gpu_configs_match_oracle(shipped, oracle, assets, runs_root):
+    """The GPU configs as shipped (their lean settings: no overlap, no contiguous buckets, no bf16
+    overflow check, persistent adapter tensors, plain linear) train like the oracle; on CPU their
+    "auto" precision resolves to fp32."""
+    out = runs_root / shipped.split(".")[0]
+    cfg = write_config(short_config(assets, out, deepspeed__config=str(REPO / "ds_configs" / shipped)),
+                       runs_root / f"{out.name}.yaml")
+    result = run_training(2, cfg, out)
+    assert_ok(result)
     losses, export = oracle
     got = result.metrics()
     assert max(abs(got[s + 1]["loss"] - losses[s]) for s in range(STEPS)) <= 1e-5
