@@ -12,7 +12,8 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.core.tiny_models import randomize_adapter as randomize_tiny_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -130,12 +131,8 @@ def tiny_config(tokenizer) -> dict:
 
 
 def randomize_adapter(model, std: float = 0.3, seed: int = 1) -> None:
-    """Random values for every adapter tensor (LoRA B starts at zero, which would hide everything)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.ndim == 1 else 0.0))
+    """``tests.core.tiny_models.randomize_adapter``, a little wider by default for these tests."""
+    randomize_tiny_adapter(model, std=std, seed=seed)
 
 
 @pytest.fixture(scope="session")

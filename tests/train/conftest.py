@@ -223,24 +223,23 @@ def runs_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train_runs")
 
 
+def _two_rank_run(runs_root: Path, name: str, make_config) -> RunResult:
+    out = runs_root / name
+    result = run_training(2, write_config(make_config(out), runs_root / f"{name}.yaml"), out)
+    assert_ok(result)
+    return result
+
+
 @pytest.fixture(scope="session")
 def reference_run(assets, runs_root) -> RunResult:
     """2 ranks, ZeRO-3, dropout 0, 8 steps: compared with a single-process PyTorch oracle."""
-    out = runs_root / "reference"
-    cfg = write_config(run_config(assets, out), runs_root / "reference.yaml")
-    result = run_training(2, cfg, out)
-    assert_ok(result)
-    return result
+    return _two_rank_run(runs_root, "reference", lambda out: run_config(assets, out))
 
 
 @pytest.fixture(scope="session")
 def dropout_run(assets, runs_root) -> RunResult:
     """2 ranks, ZeRO-3, LoRA dropout on, 12 steps, uninterrupted: the reference for resume tests."""
-    out = runs_root / "dropout"
-    cfg = write_config(dropout_config(assets, out), runs_root / "dropout.yaml")
-    result = run_training(2, cfg, out)
-    assert_ok(result)
-    return result
+    return _two_rank_run(runs_root, "dropout", lambda out: dropout_config(assets, out))
 
 
 def dropout_config(assets: Assets, out: Path) -> dict[str, Any]:
