@@ -15,6 +15,8 @@ for these methods (the paper's adapter shapes, Table 3):
 
     python benchmarks/bench_eval_generate.py --out bench_eval_generate.jsonl          # GPU, 7B shape
     python benchmarks/bench_eval_generate.py --tiny                                    # CPU smoke test
+    python benchmarks/bench_eval_generate.py --skip-eval --cache static --interleave \
+        --methods base,mixlora,lora --repeats 9                                         # decode, A/B/A/B
 
 Adapters are fp32 by default, as each package creates them by default (PEFT autocasts adapters of
 a bf16 base to fp32, the reference uses fp32 unless told otherwise); --adapter-dtype bfloat16 makes
@@ -188,10 +190,10 @@ def eval_throughput(model, seqs: list[list[int]], batch_size: int, device: torch
     return {"examples": len(seqs), "seconds": seconds, "examples_per_s": len(seqs) / seconds}
 
 
-@torch.inference_mode()
-def gen_throughput(model, batch: int, prompt_len: int, new_tokens: int, vocab: int, repeats: int,
-                   device: torch.device, seed: int, cache: str = "dynamic") -> dict:
-    """Greedy decoding with the KV cache, exactly ``new_tokens`` per row; returns new tokens/s."""
+def decode_runner(model, batch: int, prompt_len: int, new_tokens: int, vocab: int, device: torch.device, seed: int,
+                  cache: str = "dynamic"):
+    """Greedy decoding with the KV cache, exactly ``new_tokens`` per row: warms up, then returns a
+    function that decodes once and returns the seconds it took."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
     mask = torch.ones_like(ids)
@@ -199,19 +201,25 @@ def gen_throughput(model, batch: int, prompt_len: int, new_tokens: int, vocab: i
               pad_token_id=0, eos_token_id=2, temperature=None, top_p=None, top_k=None)
     if cache == "static":  # a static KV cache lets Transformers compile the decode step into CUDA graphs
         kw["cache_implementation"] = "static"
-    # warm-up (the static cache compiles here; two rounds so CUDA-graph capture is done too)
-    for _ in range(2 if cache == "static" else 1):
-        model.generate(input_ids=ids, attention_mask=mask, **dict(kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
-    times = []
-    for _ in range(repeats):
+
+    @torch.inference_mode()
+    def once() -> float:
         sync(device)
         t0 = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=mask, **kw)
         sync(device)
-        times.append(time.perf_counter() - t0)
         assert out.shape[1] == prompt_len + new_tokens
+        return time.perf_counter() - t0
+
+    for _ in range(2 if cache == "static" else 1):  # the static cache compiles, then captures CUDA graphs
+        once()
+    return once
+
+
+def gen_result(batch: int, new_tokens: int, times: list[float]) -> dict:
     t = statistics.median(times)
-    return {"batch": batch, "seconds": t, "tokens_per_s": batch * new_tokens / t, "ms_per_step": 1000 * t / new_tokens}
+    return {"batch": batch, "seconds": t, "tokens_per_s": batch * new_tokens / t, "ms_per_step": 1000 * t / new_tokens,
+            "all_seconds": [round(x, 5) for x in times]}
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -235,6 +243,9 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-merge-lora", action="store_true", help="keep mixlora_ds's LoRA layers unmerged")
+    p.add_argument("--interleave", action="store_true",
+                   help="keep every method's model on the device and time generation round-robin "
+                        "(method after method, --repeats rounds), so drift of the machine hits all alike")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-gen", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -260,8 +271,18 @@ def main(argv=None) -> int:
     gen_batches = [int(b) for b in args.gen_batches.split(",") if b]
     env = {"cache": args.cache, "merge_lora": not args.no_merge_lora, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "model": args.model, "dtype": args.dtype, "adapter_dtype": args.adapter_dtype}
-    rows = []
-    for method in methods:
+    if args.cache == "static":  # one compiled decode step per model and batch size
+        limit = 8 * len(methods) * len(gen_batches)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    gen_args = (args.prompt_len, args.new_tokens, vocab, device, args.seed, args.cache)
+
+    def write(row):
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def start(method):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -270,16 +291,36 @@ def main(argv=None) -> int:
         if not args.skip_eval:
             row["eval"] = eval_throughput(model, seqs, args.eval_batch, device,
                                           profile=not args.no_profile and method == "mixlora")
+        return model, row
+
+    rows = []
+    if args.interleave:
+        models, runners = {}, {}
+        for method in methods:
+            models[method], row = start(method)
+            rows.append(row)
+            if not args.skip_gen:
+                runners.update({(method, b): decode_runner(models[method], b, *gen_args) for b in gen_batches})
+        times = {key: [] for key in runners}
+        for _ in range(args.repeats):
+            for key, once in runners.items():
+                times[key].append(once())
+        for row in rows:
+            if not args.skip_gen:
+                row["generate"] = [gen_result(b, args.new_tokens, times[(row["method"], b)]) for b in gen_batches]
+            row["interleaved"] = True
+            write(row)
+    for method in [] if args.interleave else methods:
+        model, row = start(method)
         if not args.skip_gen:
-            row["generate"] = [gen_throughput(model, b, args.prompt_len, args.new_tokens, vocab, args.repeats,
-                                              device, args.seed, args.cache) for b in gen_batches]
+            row["generate"] = []
+            for b in gen_batches:
+                once = decode_runner(model, b, *gen_args)
+                row["generate"].append(gen_result(b, args.new_tokens, [once() for _ in range(args.repeats)]))
         if device.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+        write(row)
         del model
         gc.collect()
         if device.type == "cuda":

@@ -24,11 +24,17 @@ Cases (the shipped configs, and levers on top of them in ``VARIANTS``):
     zero2_overlap      zero2 reducing gradients on a side stream, overlapped with backward
     zero3_ds_defaults  zero3 with DeepSpeed's usual overlap, buckets, persistence and linear
     zero3_prefetch     zero3 prefetching about one decoder layer ahead
+    ddp                plain PyTorch DistributedDataParallel, one process per GPU (data parallel
+                       without DeepSpeed, for comparison)
+
+Python's garbage collection runs as the training loop runs it (``--gc-every``, the training
+config's ``gc_every_steps``); ``--gc-every 0`` leaves CPython's automatic collector on.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -65,7 +71,7 @@ VARIANTS = {
         USUAL_BUCKETS, stage3_param_persistence_threshold="auto", memory_efficient_linear=True)}),
     "zero3_prefetch": ("zero3", {"zero_optimization": {"stage3_prefetch_bucket_size": 3 * 10**8}}),
 }
-CASES = ("plain", "zero2", "zero3", *VARIANTS)
+CASES = ("plain", "ddp", "zero2", "zero3", *VARIANTS)
 
 
 def case_ds_config(case: str) -> dict:
@@ -89,6 +95,7 @@ def make_config(args, world: int):
     cfg.model.config = dict(MODELS[args.model])
     cfg.model.attn_implementation = args.attn
     cfg.model.gradient_checkpointing = args.checkpointing
+    cfg.model.compile = args.compile
     cfg.adapter = dict(ADAPTERS[args.adapter])
     cfg.batch.micro_batch_size = args.micro
     cfg.batch.global_batch_size = args.micro * world
@@ -132,11 +139,16 @@ def run_case(args) -> dict:
     from mixlora_ds.train.build import build_model, count_parameters
 
     torch.manual_seed(0)
-    if args.case == "plain":
+    torch_only = args.case in ("plain", "ddp")
+    if torch_only:
         ds_config, stage = None, 0
         with torch.device(device):  # random init straight on the device: 7B on CPU takes minutes
             built = build_model(cfg, {}, precision, stage)
         model = built.model
+        if args.case == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         opt = torch.optim.AdamW([p for _, p in built.trainable], lr=1e-4, weight_decay=0.01)
     else:
         import deepspeed
@@ -148,6 +160,8 @@ def run_case(args) -> dict:
         cfg.deepspeed.config = tmp
         ds_config = resolve_ds_config(cfg, world, MODELS[args.model]["hidden_size"], device.type)
         stage = zero_stage(ds_config)
+        if args.compile and stage == 3:
+            raise SystemExit("--compile (model.compile): ZeRO stages 0-2 only")
         if stage == 3:  # zero.Init places each shard on the device itself
             built = build_model(cfg, ds_config, precision, stage)
         else:
@@ -166,10 +180,10 @@ def run_case(args) -> dict:
         return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
 
     def backward(loss):
-        loss.backward() if args.case == "plain" else model.backward(loss)
+        loss.backward() if torch_only else model.backward(loss)
 
     def optimizer_step():
-        if args.case == "plain":
+        if torch_only:
             torch.nn.utils.clip_grad_norm_([p for _, p in built.trainable], 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -182,20 +196,28 @@ def run_case(args) -> dict:
         optimizer_step()
         return loss
 
-    for _ in range(args.warmup):
+    from mixlora_ds.train.gc_schedule import ScheduledGC
+
+    collector = ScheduledGC(args.gc_every)
+    for i in range(args.warmup):
         step()
+        collector.step(i + 1)
     synchronize()
     dist.barrier()
     if args.profile:
         profile_step((forward, backward, optimizer_step), device)
     t0 = time.perf_counter()
     issued = []  # host time per step: shows steps that wait on the device
-    for _ in range(args.steps):
+    for i in range(args.steps):
         t_step = time.perf_counter()
         loss = step()
+        collector.step(args.warmup + i + 1)
         issued.append(round((time.perf_counter() - t_step) * 1e3, 1))
     synchronize()
     dt = (time.perf_counter() - t0) / args.steps
+    t_gc = time.perf_counter()
+    gc.collect(1)  # what a scheduled collection costs, once every --gc-every steps
+    gc_ms = (time.perf_counter() - t_gc) * 1e3
     tokens = args.micro * args.seq
     result = {
         "case": args.case, "adapter": args.adapter, "model": args.model, "world": world, "micro": args.micro,
@@ -204,6 +226,8 @@ def run_case(args) -> dict:
         "peak_mem_gb": round(peak_mem_gb(), 2), "params": total, "trainable": trainable,
         "loss": round(float(loss), 4), "device": device.type, "host_ms_per_step": issued,
         "trainable_tensors": sum(1 for p in built.model.parameters() if p.requires_grad),
+        "gc_every": args.gc_every, "compile": args.compile,
+        "gc_young_ms": round(gc_ms, 1),
     }
     # Report the slowest rank: a step is as fast as its slowest participant.
     t = torch.tensor([dt, result["peak_mem_gb"]], dtype=torch.float64, device=device)
@@ -272,7 +296,9 @@ def sweep(args) -> None:
                        "--master_port", str(port), os.path.abspath(__file__), "run", "--case", case,
                        "--adapter", adapter, "--model", args.model, "--micro", str(args.micro), "--seq",
                        str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision",
-                       args.precision, "--attn", args.attn, "--workdir", args.workdir]
+                       args.precision, "--attn", args.attn, "--workdir", args.workdir, "--gc-every", str(args.gc_every)]
+                if args.compile:
+                    cmd.append("--compile")
                 if args.checkpointing:
                     cmd.append("--checkpointing")
                 env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -312,6 +338,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    from mixlora_ds.train.config import TrainConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     for name in ("run", "sweep"):
@@ -326,6 +354,9 @@ def main() -> None:
         s.add_argument("--checkpointing", action="store_true", help="activation checkpointing (off by default)")
         s.add_argument("--workdir", default="/tmp/bench_zero")
         s.add_argument("--profile", action="store_true", help="print phase times and a profiler table")
+        s.add_argument("--compile", action="store_true", help="torch.compile each decoder layer, the training config's model.compile (not with ZeRO-3)")
+        s.add_argument("--gc-every", type=int, default=TrainConfig.gc_every_steps,
+                       help="Python GC every N steps on all ranks (0: CPython's automatic collector)")
         s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
         if name == "run":
             s.add_argument("--case", required=True, choices=CASES)

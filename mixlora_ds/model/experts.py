@@ -49,10 +49,6 @@ class ExpertLoraStack(nn.Module):
             nn.Parameter(torch.ones(num_experts, out_features, device=device, dtype=dtype))
             if settings.use_dora else None
         )
-        # Inference snapshot of ``stacked()`` (see ``snapshot_for_inference``); None while trainable.
-        self.register_buffer("inference_A", None, persistent=False)
-        self.register_buffer("inference_B", None, persistent=False)
-
     @property
     def num_experts(self) -> int:
         return self.lora_A.shape[0]
@@ -71,25 +67,11 @@ class ExpertLoraStack(nn.Module):
         with the LoRA scaling folded in (scaling the small weight saves a pass over activations),
         and the dropout probability (0 outside training). Cached for a frozen adapter
         (``cached_for_inference``)."""
-        if self.inference_A is not None and not self.training and self.inference_A.dtype == dtype:
-            return self.inference_A, self.inference_B, 0.0
         p = self.settings.lora_dropout if self.training else 0.0
-        return (*cached_for_inference(self, (self.lora_A, self.lora_B), dtype, lambda: self._stack(dtype)), p)
+        return (*cached_for_inference(self, (self.lora_A, self.lora_B), dtype, lambda: self.prepared_weights(dtype)), p)
 
-    @torch.no_grad()
-    def snapshot_for_inference(self, dtype: torch.dtype) -> None:
-        """Keep ``stacked()``'s prepared weights as buffers, so a compiled decode step reads them
-        instead of re-casting and re-scaling the fp32 stacks for every token (``cached_for_inference``
-        does the same for eager code, but is bypassed while compiling). A snapshot for inference only:
-        ``train()`` drops it."""
-        self.inference_A, self.inference_B = self._stack(dtype)
-
-    def train(self, mode: bool = True):
-        if mode:
-            self.inference_A = self.inference_B = None
-        return super().train(mode)
-
-    def _stack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepared_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A as ``[E*r, in]`` and the pre-scaled B as ``[E*r, out]``, in ``dtype`` (uncached)."""
         E, r, _ = self.lora_A.shape
         A = self.lora_A.to(dtype).reshape(E * r, -1)
         B = (self.lora_B.to(dtype).transpose(1, 2).reshape(E * r, -1) * self.scaling).contiguous()
@@ -192,33 +174,25 @@ def ffn_grouped(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routin
 
 
 def dense_pair_math(x_TD: torch.Tensor, onehot_TKE: torch.Tensor, weight_TK: torch.Tensor,
-                    pre_dense: list[torch.Tensor], in_loras: list, out_lora, gated: bool, act,
-                    fused_in: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+                    pre_dense: list[torch.Tensor], in_loras: list, out_lora, gated: bool,
+                    act) -> tuple[torch.Tensor, ...]:
     """The per-pair part of the masked-dense path, as one pure function (so it can be compiled).
 
     ``in_loras[i]`` / ``out_lora``: ``(A [E*r, in], B [E*r, out] pre-scaled, dropout p)`` or None.
     Every expert's rank-r code is computed (one GEMM of width E*r), the unchosen ones are zeroed, and
     one GEMM of depth E*r applies all B matrices. With E*r small this extra arithmetic is free (the
     GEMMs are memory-bound), and there is no sort, gather or data-dependent shape.
-    ``fused_in`` (inference, no dropout): both input projections' LoRAs as one ``A [2*E*r, in]`` and one
-    ``B [2, E*r, out]``, so a decode step runs one GEMM and one batched GEMM instead of four.
     Returns the weight-mixed intermediate ``[T, I]`` and, with an output LoRA, its mixed delta ``[T, D]``.
     """
     T, K, E = onehot_TKE.shape
-    if fused_in is not None:
-        A, B = fused_in
-        code_TK2Er = ((x_TD @ A.t()).view(T, 1, 2, E, -1) * onehot_TKE.view(T, K, 1, E, 1)).reshape(T * K, 2, -1)
-        delta_2PF = torch.bmm(code_TK2Er.transpose(0, 1), B)
-        pre = [dense_TF.unsqueeze(1) + delta_2PF[i].view(T, K, -1) for i, dense_TF in enumerate(pre_dense)]
-    else:
-        pre = []
-        for dense_TF, lora in zip(pre_dense, in_loras):
-            pre_TKF = dense_TF.unsqueeze(1)
-            if lora is not None:
-                A, B, p = lora
-                code_TKEr = (_dropout(x_TD, p) @ A.t()).view(T, 1, E, -1) * onehot_TKE.unsqueeze(-1)
-                pre_TKF = pre_TKF + (code_TKEr.reshape(T * K, -1) @ B).view(T, K, -1)
-            pre.append(pre_TKF.expand(-1, K, -1))
+    pre = []
+    for dense_TF, lora in zip(pre_dense, in_loras):
+        pre_TKF = dense_TF.unsqueeze(1)
+        if lora is not None:
+            A, B, p = lora
+            code_TKEr = (_dropout(x_TD, p) @ A.t()).view(T, 1, E, -1) * onehot_TKE.unsqueeze(-1)
+            pre_TKF = pre_TKF + (code_TKEr.reshape(T * K, -1) @ B).view(T, K, -1)
+        pre.append(pre_TKF.expand(-1, K, -1))
     h_TKI = activate(pre, gated, act)
     w_TK1 = weight_TK.to(h_TKI.dtype).unsqueeze(-1)
     mixed_TI = (h_TKI * w_TK1).sum(dim=1)
@@ -234,52 +208,51 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return F.dropout(x, p) if p > 0 else x
 
 
-_compiled_pair_math = None  # None: not built yet; False: compilation failed, stay eager
+_COMPILED: dict = {}  # function -> its torch.compile wrapper, or False once compiling it failed
 
 
-def _compiled():
-    global _compiled_pair_math
-    if _compiled_pair_math is None:
-        _compiled_pair_math = torch.compile(dense_pair_math)
-    return _compiled_pair_math
+def run_compiled(fn, *args):
+    """``fn(*args)`` through one shared ``torch.compile`` of ``fn`` (every block of a model has the
+    same shapes, so they share one graph); eager inside an outer compile, and for good, with one
+    warning, once compiling fails (no working compiler on the machine)."""
+    if torch.compiler.is_compiling():
+        return fn(*args)
+    compiled = _COMPILED.get(fn)
+    if compiled is None:
+        compiled = _COMPILED[fn] = torch.compile(fn)
+    if compiled is not False:
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            import warnings
 
-
-def _disable_compile(error: Exception) -> None:
-    global _compiled_pair_math
-    import warnings
-
-    warnings.warn(f"torch.compile of the MixLoRA pair math failed ({error!r}); using eager mode")
-    _compiled_pair_math = False
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({e!r}); using eager mode")
+            _COMPILED[fn] = False
+    return fn(*args)
 
 
 def ffn_dense(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing,
-              recompute: bool = True, compiled: bool | None = None,
-              fused_in: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              recompute: bool = True, compiled: bool | None = None) -> torch.Tensor:
     """Optimized path without dispatch: pairs stay in token order ``[T, K, ...]`` and each expert
     LoRA runs as a masked GEMM over all experts (``dense_pair_math``). Same sharing of W1 x / W3 x
     and the same W2 fold as ``ffn_grouped``. ``compiled`` fuses the per-pair element-wise work with
-    ``torch.compile`` (None: on CUDA devices only). ``fused_in``: see ``dense_pair_math``.
+    ``torch.compile`` (None: on CUDA devices only).
 
     Dropout on the input projections' LoRA input is drawn once per token and shared by its K
     experts (the reference draws one mask per expert); identical in eval mode and in expectation.
     """
     pre_dense = [ffn.projection(n)(x_TD) for n in ffn.input_names]
     onehot_TKE = torch.nn.functional.one_hot(routing.expert_TK, routing.num_experts).to(x_TD.dtype)
-    in_loras = [] if fused_in is not None else [
-        stacks[n].stacked(x_TD.dtype) if n in stacks else None for n in ffn.input_names]
+    in_loras = [stacks[n].stacked(x_TD.dtype) if n in stacks else None for n in ffn.input_names]
     out_lora = stacks[ffn.output_name].stacked(x_TD.dtype) if ffn.output_name in stacks else None
     if compiled is None:  # auto: fuse on GPUs, where launch count and memory passes dominate
         compiled = x_TD.is_cuda
     args = (onehot_TKE, routing.weight_TK)
-    statics = (in_loras, out_lora, ffn.gated, ffn.act, fused_in)
+    statics = (in_loras, out_lora, ffn.gated, ffn.act)
 
     def per_pair(x_TD: torch.Tensor, *pre_dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if compiled and _compiled_pair_math is not False and not torch.compiler.is_compiling():
-            try:
-                return _compiled()(x_TD, *args, list(pre_dense), *statics)
-            except torch._dynamo.exc.TorchDynamoException as e:  # no working compiler: eager, once, loudly
-                _disable_compile(e)
-        return dense_pair_math(x_TD, *args, list(pre_dense), *statics)
+        run = run_compiled if compiled else (lambda fn, *a: fn(*a))
+        return run(dense_pair_math, x_TD, *args, list(pre_dense), *statics)
 
     return _finish(ffn, stacks, x_TD, routing, per_pair, pre_dense, recompute)
 

@@ -4,9 +4,9 @@
   ``W' = W + s B A`` (DoRA: ``W' = m / ||W + s B A||_row * (W + s B A)``), computed in fp32 (or wider) and
   rounded once to the base dtype. Those projections then cost exactly what the base model's do, which is
   what a batch-1 decode step is made of.
-- MixLoRA's expert LoRAs cannot be merged (each token picks its own experts); their prepared form
-  (cast to the activation dtype, stacked, scaled; gate and up fused) is kept as buffers instead of being
-  rebuilt from the fp32 parameters at every decode step.
+- MixLoRA's expert LoRAs cannot be merged (each token picks its own experts); each block switches to
+  its fused inference form instead (``fused_ffn.py``): frozen and expert weights concatenated so a
+  decode step runs five GEMMs per block where the base model runs three.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def merge_lora_layers(model: nn.Module) -> int:
 
 
 def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Merge LoRA layers and snapshot expert stacks for activations of ``dtype`` (default: the model's).
+    """Merge LoRA layers and fuse the MixLoRA blocks for activations of ``dtype`` (default: the model's).
 
     The model is inference-only afterwards: its parameters are frozen, and saving it as an adapter
     is refused (``model.mixlora_merged``).
@@ -53,6 +53,6 @@ def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None) ->
     model.requires_grad_(False)
     merge_lora_layers(model)
     for block in moe_blocks(model):
-        block.snapshot_for_inference(dtype)
+        block.fuse_for_inference(dtype)
     model.mixlora_merged = True
     return model.eval()

@@ -14,6 +14,7 @@ from mixlora_ds.config import MixLoraConfig
 from mixlora_ds.model.dispatch import LocalDispatcher
 from mixlora_ds.model.experts import ExpertLoraStack, FFNShape, ffn_dense, ffn_grouped, ffn_loop
 from mixlora_ds.model.families import FamilySpec
+from mixlora_ds.model.fused_ffn import FusedExpertFFN, fuse_block_weights, unshare_base_weights
 from mixlora_ds.model.router import MixLoraRouter, Routing
 
 COMPUTE_PATHS = ("dense", "grouped", "loop")
@@ -54,33 +55,24 @@ class MixLoraMoeBlock(nn.Module):
         self.recompute = True
         """Recompute per-pair intermediates in backward instead of storing them."""
         self.compiled: bool | None = None
-        """Fuse the dense path's per-pair element-wise work with torch.compile; None = on CUDA only."""
+        """Fuse the element-wise work of the dense path (and of the fused inference form) with
+        torch.compile; None = on CUDA only."""
         self.ffn_dropout = nn.Dropout(config.ffn_dropout) if config.ffn_dropout > 0 else nn.Identity()
         self.last_routing: Routing | None = None
-        # Inference snapshot of both input projections' expert LoRAs, fused (``snapshot_for_inference``).
-        self.register_buffer("inference_in_A", None, persistent=False)
-        self.register_buffer("inference_in_B", None, persistent=False)
+        self.fused_ffn: FusedExpertFFN | None = None
+        """The inference form (``fuse_for_inference``); None while the experts may train."""
 
-    @torch.no_grad()
-    def snapshot_for_inference(self, dtype: torch.dtype) -> None:
-        """Keep the experts' prepared weights in ``dtype`` (see ``ExpertLoraStack.snapshot_for_inference``);
-        with a gated FFN whose two input projections both carry experts, those two as one fused pair
-        instead, so a decode step runs two kernels for them rather than four. Inference only: a
-        snapshot, dropped by ``train()``."""
-        if self.compute_path != "dense":  # the fused pair and snapshots serve the dense path only
-            return
-        names = self.ffn.input_names
-        fuse = self.ffn.gated and len(names) == 2 and all(n in self.experts for n in names)
-        if fuse:
-            (a1, b1), (a2, b2) = (self.experts[n]._stack(dtype) for n in names)
-            self.inference_in_A, self.inference_in_B = torch.cat([a1, a2]), torch.stack([b1, b2])
-        for name, stack in self.experts.items():
-            if not (fuse and name in names):
-                stack.snapshot_for_inference(dtype)
+    def fuse_for_inference(self, dtype: torch.dtype) -> None:
+        """Switch to the fused inference form for activations of ``dtype`` (see ``fused_ffn.py``),
+        which the base projections then share their weights with; ``train()`` undoes it. Not for the
+        loop path, the reference kept for DoRA experts and tests."""
+        if self.compute_path != "loop" and self.fused_ffn is None:
+            self.fused_ffn = fuse_block_weights(self.ffn, self.experts, dtype)
 
     def train(self, mode: bool = True):
-        if mode:
-            self.inference_in_A = self.inference_in_B = None
+        if mode and self.fused_ffn is not None:
+            self.fused_ffn = None
+            unshare_base_weights(self.ffn)
         return super().train(mode)
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
@@ -93,12 +85,12 @@ class MixLoraMoeBlock(nn.Module):
         seq_len = batch_shape[-1] if len(batch_shape) > 1 else None
         routing = self.router(x_TD, seq_len=seq_len)
         self.last_routing = routing
-        if self.compute_path == "loop":
+        if self.fused_ffn is not None and x_TD.dtype == self.fused_ffn.dtype:
+            y_TD = self.fused_ffn(x_TD, routing, compiled=x_TD.is_cuda if self.compiled is None else self.compiled)
+        elif self.compute_path == "loop":
             y_TD = ffn_loop(self.ffn, self.experts, x_TD, routing)
         elif self.compute_path == "dense":
-            fused = self.inference_in_A is not None and not self.training and self.inference_in_A.dtype == x_TD.dtype
-            y_TD = ffn_dense(self.ffn, self.experts, x_TD, routing, recompute=self.recompute, compiled=self.compiled,
-                             fused_in=(self.inference_in_A, self.inference_in_B) if fused else None)
+            y_TD = ffn_dense(self.ffn, self.experts, x_TD, routing, recompute=self.recompute, compiled=self.compiled)
         else:
             y_TD = ffn_grouped(self.ffn, self.experts, x_TD, routing, self.dispatcher, recompute=self.recompute)
         y_TD = self.ffn_dropout(y_TD)

@@ -176,6 +176,11 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
     model.enable_input_require_grads()
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
+    if cfg.model.compile:
+        from mixlora_ds.model.inject import decoder_layers
+
+        for layer in decoder_layers(model):  # identical layers share one compiled graph
+            layer.compile()
     return BuiltModel(model, adapter_config, trainable, hf_ds)
 
 

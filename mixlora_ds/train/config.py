@@ -2,7 +2,7 @@
 
 A run file has these sections (every key is optional unless marked; see ``configs/tiny.yaml``)::
 
-    run_name, output_dir, seed, precision, max_steps
+    run_name, output_dir, seed, precision, max_steps, gc_every_steps
     model:      where the frozen base comes from (a local Hugging Face dir, or a config with random weights)
     adapter:    a MixLoRA config, or a LoRA/DoRA baseline (fields of ``mixlora_ds.MixLoraConfig``)
     data:       prepared shard directories (``data_prep/prepare.py`` output)
@@ -50,6 +50,10 @@ class ModelSection:
     """"sdpa" or "eager" use the block-diagonal packed mask; "flash_attention_2" uses position ids (varlen)."""
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing of every decoder layer."""
+    compile: bool = False
+    """torch.compile every decoder layer (one graph, reused by all layers). The step is bound by
+    host-side launch work without it: 1.6x the tokens/s of a 7B MixLoRA step on an H200 (BENCHMARKS.md).
+    ZeRO stages 0-2 only: ZeRO-3 gathers parameters in hooks that run inside the layers."""
     trust_remote_code: bool = False
 
 
@@ -171,6 +175,9 @@ class TrainConfig:
     """"auto": bf16 on GPUs, fp32 on CPU. Adapter weights and optimizer state are always fp32."""
     max_steps: int | None = None
     """Optimizer steps to run; null = ``schedule.num_epochs`` over the training shards."""
+    gc_every_steps: int = 50
+    """Python garbage collection every N optimizer steps, on all ranks at once, instead of CPython's
+    automatic collector, whose pauses fall on different steps on different ranks (0 = automatic)."""
     schema_version: int = SCHEMA_VERSION
 
     # Where the file came from; not part of the schema.

@@ -29,6 +29,7 @@ from mixlora_ds.train.batches import (IGNORE, BatchStream, answer_token_count, m
                                       token_ce)
 from mixlora_ds.train.checkpoint import CheckpointManager, find_resume
 from mixlora_ds.train.config import TrainConfig, dump_config
+from mixlora_ds.train.gc_schedule import ScheduledGC
 from mixlora_ds.train.metrics import Interval, flop_per_token
 from mixlora_ds.train.monitor import Monitor, peak_memory_gb
 from mixlora_ds.train.plan import RunPlan
@@ -337,20 +338,25 @@ class Trainer:
         iv = Interval(*self.interval_shape, self.device)
         stopped = False
         last_saved = self.step if self.step > 0 else -1
-        while self.step < plan.total_steps:
-            if not self.train_step(iv):
-                stopped = True
-                break
-            self.monitor.advance(1)
-            if self.step % cfg.logging.every_steps == 0:
-                self.flush_interval(iv)
-                iv = Interval(*self.interval_shape, self.device)
-            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
-                self.evaluate()
-            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                self.check_finite(iv)
-                self.save("periodic")
-                last_saved = self.step
+        collector = ScheduledGC(cfg.gc_every_steps)
+        try:
+            while self.step < plan.total_steps:
+                if not self.train_step(iv):
+                    stopped = True
+                    break
+                self.monitor.advance(1)
+                collector.step(self.step)
+                if self.step % cfg.logging.every_steps == 0:
+                    self.flush_interval(iv)
+                    iv = Interval(*self.interval_shape, self.device)
+                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                    self.evaluate()
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                    self.check_finite(iv)
+                    self.save("periodic")
+                    last_saved = self.step
+        finally:
+            collector.close()
         self.flush_interval(iv)
         if stopped:
             if dist.is_main():

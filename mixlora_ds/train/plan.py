@@ -123,6 +123,11 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
     ds_config = resolve_ds_config(cfg, world_size, getattr(hf_config, "hidden_size", None), device)
     stage = zero_stage(ds_config)
     grad_accum = ds_config["gradient_accumulation_steps"]
+    if cfg.model.compile and stage == 3:
+        raise TrainConfigError(f"{where_of(cfg, 'model.compile')}: model.compile needs a DeepSpeed config of "
+                               f"stage 0, 1 or 2 (this one is stage 3, whose parameter hooks run inside the "
+                               f"compiled layers); use ds_configs/zero2_bf16.json when the base fits on each "
+                               f"GPU, or model.compile: false")
 
     if not cfg.data.train_dir:
         raise TrainConfigError(f"{where_of(cfg, 'data.train_dir')}: data.train_dir is required")

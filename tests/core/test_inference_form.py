@@ -1,4 +1,4 @@
-"""``prepare_for_inference``: merged LoRA/DoRA layers and snapshotted expert stacks compute what the
+"""``prepare_for_inference``: merged LoRA/DoRA layers and fused MixLoRA blocks compute what the
 unmerged adapter computes (float64, every family), and the prepared model refuses to be saved."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mixlora_ds import MixLoraConfig, inject_mixlora, save_mixlora_adapter
-from mixlora_ds.model.experts import ExpertLoraStack
 from mixlora_ds.model.lora import LoraLinear
 from mixlora_ds.model.merge import prepare_for_inference
 from mixlora_ds.model.moe import moe_blocks
@@ -41,15 +40,12 @@ def test_prepared_model_gives_the_unmerged_logits(model_type, kind):
     prepared = prepare_for_inference(copy.deepcopy(model))
     assert not any(isinstance(m, LoraLinear) for m in prepared.modules())
     assert not any(p.requires_grad for p in prepared.parameters())
-    # Gate and up projections fused into one pair where the family has both (not phi3's gate_up, phi's
-    # fc1); every other expert stack keeps its own snapshot.
+    # Every MixLoRA block runs its fused form, whose matrices hold the frozen FFN weights (no copy).
     blocks = moe_blocks(prepared)
     assert (kind == "mixlora") == bool(blocks)
     for block in blocks:
-        fused = block.inference_in_A is not None
-        assert fused == (model_type not in ("phi3", "phi"))
-        rest = [s for n, s in block.experts.items() if not (fused and n in block.ffn.input_names)]
-        assert rest and all(s.inference_A is not None for s in rest)
+        assert block.fused_ffn is not None
+        assert _shares_fused_storage(block)
     with torch.no_grad():
         got = prepared(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
@@ -71,12 +67,47 @@ def test_bf16_prepared_model_is_as_accurate_as_the_unmerged_one():
     assert merged <= 1.5 * unmerged + 1e-4, (merged, unmerged)
 
 
-def test_training_mode_drops_the_snapshots():
-    """A snapshot would go stale once the experts train again; ``train()`` drops it."""
-    model = prepare_for_inference(_adapted("llama", "mixlora"))
-    model.train()
-    assert all(b.inference_in_A is None for b in moe_blocks(model))
-    assert all(s.inference_A is None for s in model.modules() if isinstance(s, ExpertLoraStack))
+def _shares_fused_storage(block) -> bool:
+    fused = block.fused_ffn
+    ptrs = {fused.W_in.untyped_storage().data_ptr(), fused.W_out.untyped_storage().data_ptr()}
+    return all(block.ffn.projection(n).weight.untyped_storage().data_ptr() in ptrs
+               for n in block.ffn.input_names + (block.ffn.output_name,))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi"])
+def test_fused_form_matches_with_top_p_routing_and_biases(model_type):
+    """Top-p weights (padded slots with weight 0) and phi's biased fc1/fc2 through the fused form."""
+    model = tiny_model(model_type).double()
+    inject_mixlora(model, MixLoraConfig(target_modules=targets_for(model_type), peft_type="MIXLORA", r=4, lora_alpha=8,
+                                        num_experts=4, routing_strategy="mixlora-dynamic", top_p=0.6), torch.float64)
+    randomize_adapter(model)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        got = prepare_for_inference(model)(input_ids=ids).logits
+    assert all(b.fused_ffn is not None for b in moe_blocks(model))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_training_mode_undoes_the_fused_form():
+    """The fused form would go stale once the experts train again: ``train()`` drops it and gives the
+    base layers standalone weights back, with their values unchanged."""
+    model = _adapted("llama", "mixlora")
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    frozen = {n: p.clone() for n, p in model.named_parameters() if "base_mlp" in n}
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    prepare_for_inference(model).train()
+    for block in moe_blocks(model):
+        assert block.fused_ffn is None
+        for name in block.ffn.input_names + (block.ffn.output_name,):
+            assert block.ffn.projection(name).weight.is_contiguous()
+    for n, p in model.named_parameters():
+        if "base_mlp" in n:
+            assert torch.equal(p, frozen[n]), n
+            assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), n
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_prepared_model_refuses_to_save_its_adapter(tmp_path):

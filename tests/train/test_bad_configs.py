@@ -19,6 +19,7 @@ CASES = {
                             ["global_batch_size=6", "not divisible", "micro_batch_size (2) x world size (2)"]),
     "target_missing": ({"adapter__target_modules": ["q_proj", "fc1"]},
                        ["adapter.target_modules", "['fc1']", "not found in the llama model"]),
+    "compile_under_zero3": ({"model__compile": True}, ["model.compile", "stage 0, 1 or 2", "this one is stage 3"]),
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.train.conftest import REPO, assert_ok, max_adapter_diff, run_config, run_training, write_config
@@ -30,18 +32,23 @@ def oracle(assets, runs_root, tmp_path_factory):
     return losses, export
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_zero_stage_matches_oracle(variant, oracle, assets, runs_root):
-    out = runs_root / variant
-    cfg = write_config(short_config(assets, out, deepspeed__overrides=VARIANTS[variant]), runs_root / f"{variant}.yaml")
-    result = run_training(2, cfg, out)
+def run_like_oracle(name: str, cfg: dict, oracle, runs_root, tol: float = 1e-5):
+    """Train ``cfg`` on 2 ranks; its per-step losses and exported adapter must match the oracle's."""
+    out = Path(cfg["output_dir"])
+    result = run_training(2, write_config(cfg, runs_root / f"{name}.yaml"), out)
     assert_ok(result)
-    stage = VARIANTS[variant]["zero_optimization"]["stage"]
-    assert f"ZeRO stage {stage}" in result.output
     losses, export = oracle
     got = result.metrics()
-    assert max(abs(got[s + 1]["loss"] - losses[s]) for s in range(STEPS)) <= 1e-5
-    assert max_adapter_diff(out / "adapter", export) <= 1e-5
+    assert max(abs(got[s + 1]["loss"] - losses[s]) for s in range(STEPS)) <= tol
+    assert max_adapter_diff(out / "adapter", export) <= tol
+    return result
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_zero_stage_matches_oracle(variant, oracle, assets, runs_root):
+    cfg = short_config(assets, runs_root / variant, deepspeed__overrides=VARIANTS[variant])
+    result = run_like_oracle(variant, cfg, oracle, runs_root)
+    assert f"ZeRO stage {VARIANTS[variant]['zero_optimization']['stage']}" in result.output
 
 
 @pytest.mark.parametrize("shipped", ["zero2_bf16.json", "zero3_bf16.json"])
@@ -49,12 +56,15 @@ def test_shipped_gpu_configs_match_oracle(shipped, oracle, assets, runs_root):
     """The GPU configs as shipped (their lean settings: no overlap, no contiguous buckets, no bf16
     overflow check, persistent adapter tensors, plain linear) train like the oracle; on CPU their
     "auto" precision resolves to fp32."""
-    out = runs_root / shipped.split(".")[0]
-    cfg = write_config(short_config(assets, out, deepspeed__config=str(REPO / "ds_configs" / shipped)),
-                       runs_root / f"{out.name}.yaml")
-    result = run_training(2, cfg, out)
-    assert_ok(result)
-    losses, export = oracle
-    got = result.metrics()
-    assert max(abs(got[s + 1]["loss"] - losses[s]) for s in range(STEPS)) <= 1e-5
-    assert max_adapter_diff(out / "adapter", export) <= 1e-5
+    name = shipped.split(".")[0]
+    cfg = short_config(assets, runs_root / name, deepspeed__config=str(REPO / "ds_configs" / shipped))
+    run_like_oracle(name, cfg, oracle, runs_root)
+
+
+def test_compiled_layers_under_zero2_match_oracle(oracle, assets, runs_root):
+    """``model.compile`` (every decoder layer through torch.compile, with activation checkpointing as
+    the run config has it) trains like the eager single-process oracle under ZeRO-2. Compiled kernels
+    may reorder float arithmetic: 1e-4 rather than the 1e-5 of the eager stages."""
+    cfg = short_config(assets, runs_root / "compiled_zero2", model__compile=True,
+                       deepspeed__overrides={"zero_optimization": {"stage": 2}})
+    run_like_oracle("compiled_zero2", cfg, oracle, runs_root, tol=1e-4)

@@ -66,6 +66,9 @@ def ds_file(tmp_path, data):
 
 def test_ds_auto_values_resolved_from_the_run_config(tmp_path):
     cfg = load_config(str(REPO / "configs" / "llama2-7b-mixlora.yaml"))
+    shipped = resolve_ds_config(cfg, world_size=4, hidden_size=4096, device="cuda")
+    assert shipped["zero_optimization"]["stage"] == 2 and cfg.model.compile  # a 7B base fits each GPU
+    cfg.deepspeed.config = str(REPO / "ds_configs" / "zero3_bf16.json")  # what larger bases use
     ds = resolve_ds_config(cfg, world_size=4, hidden_size=4096, device="cuda")
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 1.0
