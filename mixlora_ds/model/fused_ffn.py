@@ -1,8 +1,9 @@
 """The inference form of a MixLoRA feed-forward block: frozen and LoRA weights fused into few GEMMs.
 
 A decode step is a chain of small kernels, so what it costs is mostly how many there are. The
-training paths (``experts.py``) run the frozen projections and the expert LoRAs as separate GEMMs:
-eight per block against the base model's three. With frozen weights they can be concatenated:
+training paths (``experts.py``) run the router, the frozen projections and each projection's expert
+A and B as separate GEMMs: ten per block against the base model's three. With frozen weights they
+can be concatenated:
 
 - input side: ``x @ [W1; W3; A1; A3]^T`` gives both frozen pre-activations and every expert's rank-r
   code of both projections in one GEMM; one batched GEMM then applies the (masked) B matrices;
