@@ -17,13 +17,17 @@ CPU smoke test (tiny model, fp32, gloo):
 Cases (the shipped configs, and levers on top of them in ``VARIANTS``):
     plain              one process, no DeepSpeed, torch AdamW (the reference point)
     zero2              ZeRO-2 as shipped in ds_configs/zero2_bf16.json (frozen base replicated)
-    zero3              ZeRO-3 as shipped in ds_configs/zero3_bf16.json (one gather per decoder layer,
-                       the training config's default ``deepspeed.zero3_gather: layer``)
+    zero3              ZeRO-3 as shipped in ds_configs/zero3_bf16.json, the frozen base sharded per
+                       decoder layer by mixlora_ds (the default ``deepspeed.zero3_impl: mixlora_ds``)
+    zero3_deepspeed    the same config on DeepSpeed's own stage-3 engine (``zero3_impl: deepspeed``,
+                       one gather per decoder layer: ``zero3_gather: layer``)
+    zero3_no_prefetch  zero3 gathering each layer only when it is reached (what prefetch buys)
     zero2_ds_defaults  zero2 with DeepSpeed's usual overflow check, overlap_comm, contiguous gradients
     zero1              zero2's settings at stage 1
     zero2_overlap      zero2 reducing gradients on a side stream, overlapped with backward
-    zero3_ds_defaults  zero3 with DeepSpeed's usual overlap, buckets, persistence and linear
-    zero3_prefetch     zero3 prefetching about one decoder layer ahead
+    zero3_deepspeed_ds_defaults  zero3_deepspeed with DeepSpeed's usual overlap, buckets, persistence
+                       and linear
+    zero3_deepspeed_prefetch     zero3_deepspeed prefetching about one decoder layer ahead
     ddp                plain PyTorch DistributedDataParallel, one process per GPU (data parallel
                        without DeepSpeed, for comparison)
 
@@ -58,18 +62,22 @@ ADAPTERS = {
                     router_aux_loss_coef=0.001, target_modules=TARGETS),
     "lora80": dict(peft_type="LORA", r=80, lora_alpha=160, lora_dropout=0.05, target_modules=TARGETS),
 }
-# Levers, as (base case, deep-merged overrides). The shipped configs already carry the lean settings
-# (no overlap_comm, no contiguous gradient buckets; ZeRO-2 also no bf16 overflow check, which stage 3
-# ignores; ZeRO-3 also keeps the adapter's tensors persistent and uses plain F.linear);
-# "*_ds_defaults" put DeepSpeed's usual values back.
+# Levers, as (base case, deep-merged DeepSpeed overrides, run-config ``deepspeed`` section changes).
+# The shipped configs already carry the lean settings (no overlap_comm, no contiguous gradient
+# buckets, no bf16 overflow check; for DeepSpeed's stage-3 engine also the adapter's tensors
+# persistent and plain F.linear); "*_ds_defaults" put DeepSpeed's usual values back.
 USUAL_BUCKETS = {"overlap_comm": True, "contiguous_gradients": True}
+DEEPSPEED_ZERO3 = {"zero3_impl": "deepspeed"}
 VARIANTS = {
-    "zero2_ds_defaults": ("zero2", {"bf16": {"check_grad_overflow": True}, "zero_optimization": USUAL_BUCKETS}),
-    "zero1": ("zero2", {"zero_optimization": {"stage": 1}}),
-    "zero2_overlap": ("zero2", {"zero_optimization": USUAL_BUCKETS}),
-    "zero3_ds_defaults": ("zero3", {"zero_optimization": dict(
-        USUAL_BUCKETS, stage3_param_persistence_threshold="auto", memory_efficient_linear=True)}),
-    "zero3_prefetch": ("zero3", {"zero_optimization": {"stage3_prefetch_bucket_size": 3 * 10**8}}),
+    "zero3_deepspeed": ("zero3", {}, DEEPSPEED_ZERO3),
+    "zero3_no_prefetch": ("zero3", {}, {}),
+    "zero2_ds_defaults": ("zero2", {"bf16": {"check_grad_overflow": True}, "zero_optimization": USUAL_BUCKETS}, {}),
+    "zero1": ("zero2", {"zero_optimization": {"stage": 1}}, {}),
+    "zero2_overlap": ("zero2", {"zero_optimization": USUAL_BUCKETS}, {}),
+    "zero3_deepspeed_ds_defaults": ("zero3", {"zero_optimization": dict(
+        USUAL_BUCKETS, stage3_param_persistence_threshold="auto", memory_efficient_linear=True)}, DEEPSPEED_ZERO3),
+    "zero3_deepspeed_prefetch": ("zero3", {"zero_optimization": {"stage3_prefetch_bucket_size": 3 * 10**8}},
+                                 DEEPSPEED_ZERO3),
 }
 CASES = ("plain", "ddp", "zero2", "zero3", *VARIANTS)
 
@@ -79,7 +87,7 @@ def case_ds_config(case: str) -> dict:
     if case in VARIANTS:
         from mixlora_ds.train.ds_config import deep_merge
 
-        base, over = VARIANTS[case]
+        base, over, _ = VARIANTS[case]
         return deep_merge(case_ds_config(base), over)
     if case not in ("zero2", "zero3"):
         raise ValueError(case)
@@ -102,6 +110,8 @@ def make_config(args, world: int):
     cfg.optim.impl = "torch"
     cfg.precision = args.precision
     cfg.seed = 0
+    for key, value in (VARIANTS[args.case][2] if args.case in VARIANTS else {}).items():
+        setattr(cfg.deepspeed, key, value)
     return cfg
 
 
@@ -133,10 +143,10 @@ def run_case(args) -> dict:
     dist.init_distributed(10)
     device = dist.device()
     cfg = make_config(args, world)
-    from mixlora_ds.train.ds_config import resolve_ds_config, resolve_precision, zero_stage
+    from mixlora_ds.train.ds_config import engine_ds_config, resolve_ds_config, resolve_precision, zero_stage
 
     precision = resolve_precision(cfg, device.type)
-    from mixlora_ds.train.build import build_model, count_parameters
+    from mixlora_ds.train.build import build_model, count_parameters, start_engine
 
     torch.manual_seed(0)
     torch_only = args.case in ("plain", "ddp")
@@ -151,8 +161,6 @@ def run_case(args) -> dict:
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         opt = torch.optim.AdamW([p for _, p in built.trainable], lr=1e-4, weight_decay=0.01)
     else:
-        import deepspeed
-
         here_cfg = case_ds_config(args.case)
         tmp = os.path.join(args.workdir, f"ds_{args.case}_{os.getpid()}.json")
         os.makedirs(args.workdir, exist_ok=True)
@@ -160,16 +168,16 @@ def run_case(args) -> dict:
         cfg.deepspeed.config = tmp
         ds_config = resolve_ds_config(cfg, world, MODELS[args.model]["hidden_size"], device.type)
         stage = zero_stage(ds_config)
-        if args.compile and stage == 3:
-            raise SystemExit("--compile (model.compile): ZeRO stages 0-2 only")
+        if args.compile and stage == 3 and cfg.deepspeed.zero3_impl == "deepspeed":
+            raise SystemExit("--compile (model.compile) does not work with DeepSpeed's stage-3 engine")
         if stage == 3:  # zero.Init places each shard on the device itself
             built = build_model(cfg, ds_config, precision, stage)
         else:
             with torch.device(device):
                 built = build_model(cfg, ds_config, precision, stage)
-        model, opt, _, _ = deepspeed.initialize(model=built.model,
-                                                model_parameters=[p for _, p in built.trainable],
-                                                config=ds_config)
+        model = start_engine(built, engine_ds_config(cfg, ds_config))
+        if args.case == "zero3_no_prefetch":
+            built.sharded_base.prefetch = False
     total, trainable = count_parameters(built.model)
     vocab = MODELS[args.model]["vocab_size"]
     g = torch.Generator().manual_seed(dist.rank())
@@ -227,6 +235,7 @@ def run_case(args) -> dict:
         "loss": round(float(loss), 4), "device": device.type, "host_ms_per_step": issued,
         "trainable_tensors": sum(1 for p in built.model.parameters() if p.requires_grad),
         "gc_every": args.gc_every, "compile": args.compile,
+        "zero3_impl": cfg.deepspeed.zero3_impl if stage == 3 else None,
         "gc_young_ms": round(gc_ms, 1),
     }
     # Report the slowest rank: a step is as fast as its slowest participant.
@@ -235,9 +244,42 @@ def run_case(args) -> dict:
     result["step_ms"] = round(float(t[0]) * 1e3, 2)
     result["tokens_per_s_per_gpu"] = round(tokens / float(t[0]), 1)
     result["peak_mem_gb"] = round(float(t[1]), 2)
+    if args.check and built.sharded_base is not None:
+        result.update(check_sharded(built, ids))
     if dist.is_main():
         print("RESULT " + json.dumps(result), flush=True)
     return result
+
+
+def check_sharded(built, ids) -> dict:
+    """The per-layer gathers (asynchronous, one layer ahead) against the whole base gathered up front
+    with the hooks off: logits, and the gradient of the loss with respect to the input embeddings,
+    which needs every layer's frozen weights in backward. Dropout off; the same kernels run on the
+    same values, so any difference is a gather that read memory before it was written."""
+    import torch
+
+    from mixlora_ds import dist
+    from mixlora_ds.parallel.frozen_base import frozen_params
+    from mixlora_ds.zero import gathered
+
+    model, vocab = built.model, built.model.config.vocab_size
+    model.eval()
+
+    def logits_and_grad():
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = model(inputs_embeds=emb).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        (grad,) = torch.autograd.grad(loss, emb)
+        return logits.detach().float(), grad.float()
+
+    sharded_logits, sharded_grad = logits_and_grad()
+    built.sharded_base.remove_hooks()
+    with gathered(frozen_params(model)):
+        whole_logits, whole_grad = logits_and_grad()
+    t = torch.tensor([(sharded_logits - whole_logits).abs().max(), (sharded_grad - whole_grad).abs().max(),
+                      whole_grad.abs().max()], dtype=torch.float64, device=ids.device)
+    dist.all_reduce_(t, "max")
+    return {"check_logits_maxdiff": float(t[0]), "check_grad_maxdiff": float(t[1]), "check_grad_max": float(t[2])}
 
 
 def profile_step(phases_fns, device) -> None:
@@ -297,10 +339,9 @@ def sweep(args) -> None:
                        "--adapter", adapter, "--model", args.model, "--micro", str(args.micro), "--seq",
                        str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision",
                        args.precision, "--attn", args.attn, "--workdir", args.workdir, "--gc-every", str(args.gc_every)]
-                if args.compile:
-                    cmd.append("--compile")
-                if args.checkpointing:
-                    cmd.append("--checkpointing")
+                for flag in ("compile", "check", "checkpointing"):
+                    if getattr(args, flag):
+                        cmd.append(f"--{flag}")
                 env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
                 t = time.time()
                 try:
@@ -354,7 +395,12 @@ def main() -> None:
         s.add_argument("--checkpointing", action="store_true", help="activation checkpointing (off by default)")
         s.add_argument("--workdir", default="/tmp/bench_zero")
         s.add_argument("--profile", action="store_true", help="print phase times and a profiler table")
-        s.add_argument("--compile", action="store_true", help="torch.compile each decoder layer, the training config's model.compile (not with ZeRO-3)")
+        s.add_argument("--check", action="store_true",
+                       help="after timing, compare the sharded base's per-layer gathers with the whole base "
+                            "gathered up front (zero3 cases)")
+        s.add_argument("--compile", action="store_true",
+                       help="torch.compile each decoder layer's forward, the training config's model.compile "
+                            "(not with DeepSpeed's stage-3 engine)")
         s.add_argument("--gc-every", type=int, default=TrainConfig.gc_every_steps,
                        help="Python GC every N steps on all ranks (0: CPython's automatic collector)")
         s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from mixlora_ds.model.lora import LoraLinear
 from mixlora_ds.model.moe import moe_blocks
+from mixlora_ds.zero import is_partitioned
 
 
 @torch.no_grad()
@@ -47,7 +48,7 @@ def prepare_for_inference(model: nn.Module, dtype: torch.dtype | None = None) ->
     The model is inference-only afterwards: its parameters are frozen, and saving it as an adapter
     is refused (``model.mixlora_merged``).
     """
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
+    if any(is_partitioned(p) for p in model.parameters()):
         raise ValueError("cannot prepare a ZeRO-3 partitioned model for inference; export the adapter and load it")
     dtype = dtype or next(model.parameters()).dtype
     model.requires_grad_(False)

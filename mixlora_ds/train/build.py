@@ -3,8 +3,10 @@
 Under ZeRO-3 the base is created inside ``deepspeed.zero.Init`` (through Transformers'
 ``HfDeepSpeedConfig``, which also makes ``from_pretrained`` load each rank's shard only), so no rank
 ever holds the whole model. The adapter is then injected on the partitioned model: injection reads
-module names and shapes, never weight values. DeepSpeed partitions the new adapter parameters when
-the engine is created.
+module names and shapes, never weight values. With ``deepspeed.zero3_impl: mixlora_ds`` (the
+default) the partitioned frozen weights are then re-sharded per decoder layer, one layer at a time
+(``mixlora_ds.parallel``), and the engine runs stage 2 for the adapter; with ``deepspeed``,
+DeepSpeed's stage-3 engine keeps them and partitions the adapter when the engine is created.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ class BuiltModel:
     adapter_config: Any
     trainable: list[tuple[str, nn.Parameter]]
     hf_ds_config: Any = None
-    """Keeps Transformers' weak global reference to the DeepSpeed config alive (ZeRO-3 only)."""
+    """Keeps Transformers' weak global reference to the DeepSpeed config alive (DeepSpeed's ZeRO-3 only)."""
+    sharded_base: Any = None
+    """The ``ShardedFrozenBase`` when mixlora_ds shards the frozen base, else None."""
 
 
 def hf_config_for(cfg: TrainConfig):
@@ -114,11 +118,16 @@ def check_adapter_targets(cfg: TrainConfig, hf_config, adapter_config) -> None:
 
 
 def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, stage: int) -> BuiltModel:
+    """The base (partitioned from construction under ZeRO-3), the adapter injected, ready for
+    ``start_engine``. ``ds_config`` is the resolved DeepSpeed config as given (stage 3 included)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     from mixlora_ds import inject_mixlora
+    from mixlora_ds.train.ds_config import shards_base_itself
 
+    shard_base = stage == 3 and shards_base_itself(cfg, ds_config)
+    deepspeed_stage3 = stage == 3 and not shard_base
     hf_config = hf_config_for(cfg)
     adapter_config = adapter_config_for(cfg)
     dtype = _DTYPES[precision]
@@ -148,7 +157,7 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
     if not trainable:
         raise RuntimeError("the adapter has no trainable parameters")
 
-    if stage == 3 and adapter_config.peft_type == "MIXLORA":
+    if deepspeed_stage3 and adapter_config.peft_type == "MIXLORA":
         from deepspeed.utils import set_z3_leaf_modules
 
         from mixlora_ds.model.moe import MixLoraMoeBlock
@@ -156,7 +165,7 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
         # Experts receive different tokens on different ranks; as a leaf, the whole block's
         # parameters are gathered on entry, so every rank issues the same collectives.
         set_z3_leaf_modules(model, [MixLoraMoeBlock])
-    if stage == 3 and adapter_config.use_dora:
+    if deepspeed_stage3 and adapter_config.use_dora:
         from deepspeed.utils import set_z3_leaf_modules
 
         from mixlora_ds.model.lora import LoraLinear
@@ -164,7 +173,7 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
         # DoRA's forward reads the whole base weight (for the row norms of W + sBA); as a leaf,
         # the adapted layer and its base weight are gathered together, once.
         set_z3_leaf_modules(model, [LoraLinear], raise_if_not_found=False)
-    if stage == 3 and cfg.deepspeed.zero3_gather == "layer":
+    if deepspeed_stage3 and cfg.deepspeed.zero3_gather == "layer":
         from deepspeed.utils import set_z3_leaf_modules
 
         from mixlora_ds.model.inject import decoder_layers
@@ -176,12 +185,44 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
     model.enable_input_require_grads()
     if cfg.model.gradient_checkpointing:
         enable_checkpointing(model)
+    sharded = None
+    if shard_base:
+        sharded = shard_frozen_base_of(model)
+        hf_ds = None  # construction is over: later from_config calls must not enter zero.Init
     if cfg.model.compile:
         from mixlora_ds.model.inject import decoder_layers
 
-        for layer in decoder_layers(model):  # identical layers share one compiled graph
-            layer.compile()
-    return BuiltModel(model, adapter_config, trainable, hf_ds)
+        for layer in decoder_layers(model):
+            # The forward only: module hooks (the sharded base's) stay outside the graph. Identical
+            # layers share one compiled graph.
+            layer.forward = torch.compile(layer.forward)
+    return BuiltModel(model, adapter_config, trainable, hf_ds, sharded)
+
+
+def shard_frozen_base_of(model: nn.Module):
+    """Re-shard the (zero.Init-partitioned) frozen base per decoder layer over all ranks; gathers run
+    on a process group of their own, so they never queue behind DeepSpeed's gradient reductions."""
+    import torch.distributed as tdist
+
+    from mixlora_ds.model.inject import decoder_layers
+    from mixlora_ds.parallel.frozen_base import shard_frozen_base
+
+    group = None
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        group = tdist.new_group(list(range(tdist.get_world_size())))
+    return shard_frozen_base(model, decoder_layers(model), group)
+
+
+def start_engine(built: BuiltModel, engine_config: dict[str, Any], lr_scheduler=None):
+    """``deepspeed.initialize`` for the built model, handing it the trainable parameters only."""
+    import deepspeed
+
+    from mixlora_ds.parallel.frozen_base import hidden_from_engine_broadcast
+
+    with hidden_from_engine_broadcast(built.sharded_base):
+        engine, _, _, _ = deepspeed.initialize(model=built.model, model_parameters=[p for _, p in built.trainable],
+                                               config=engine_config, lr_scheduler=lr_scheduler)
+    return engine
 
 
 def enable_checkpointing(model: nn.Module) -> None:

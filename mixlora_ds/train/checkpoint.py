@@ -177,13 +177,24 @@ class CheckpointManager:
             if not is_complete(c.path) and c.step < newest:
                 shutil.rmtree(c.path, ignore_errors=True)
 
-    def load(self, engine: Any, info: CheckpointInfo) -> dict[str, Any]:
-        """Collective. Restores engine state and this rank's RNG; returns this rank's saved state."""
+    def load(self, engine: Any, info: CheckpointInfo, layout: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Collective. Restores engine state and this rank's RNG; returns this rank's saved state.
+        ``layout`` (what ``save`` was given as ``extra_meta["layout"]``) must match the saved one."""
         saved_world = info.meta.get("world_size")
         if saved_world is not None and saved_world != dist.world_size():
             raise CheckpointError(
                 f"{info.path}: saved with {saved_world} ranks, resuming with {dist.world_size()}; ZeRO "
                 f"partitions and reader positions are per rank, so resume with the same world size"
+            )
+        saved_layout = info.meta.get("layout")
+        if saved_layout is not None and layout is not None and saved_layout != layout:
+            def said(d: dict[str, Any]) -> str:
+                return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
+
+            raise CheckpointError(
+                f"{info.path}: saved with {said(saved_layout)}, resuming with {said(layout)}; DeepSpeed's "
+                f"checkpoint files differ between these, so resume with the settings it was saved with "
+                f"(the DeepSpeed config's stage and deepspeed.zero3_impl)"
             )
         load_path, _ = engine.load_checkpoint(
             info.root, tag=info.tag, load_module_strict=False, load_optimizer_states=True,

@@ -12,7 +12,7 @@ A run file has these sections (every key is optional unless marked; see ``config
     checkpoint: DeepSpeed checkpoints, keep-last-K, adapter export
     logging:    TensorBoard, console cadence, peak FLOPs for MFU
     eval:       periodic held-out loss
-    deepspeed:  DeepSpeed JSON path plus overrides
+    deepspeed:  DeepSpeed JSON path plus overrides, and who shards the frozen base under ZeRO-3
 
 Errors name the file and line (or the command-line flag) and the dotted key. Schema version 1.
 """
@@ -51,9 +51,10 @@ class ModelSection:
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing of every decoder layer."""
     compile: bool = False
-    """torch.compile every decoder layer (one graph, reused by all layers). The step is bound by
-    host-side launch work without it: 1.6x the tokens/s of a 7B MixLoRA step on an H200 (BENCHMARKS.md).
-    ZeRO stages 0-2 only: ZeRO-3 gathers parameters in hooks that run inside the layers."""
+    """torch.compile every decoder layer's forward (one graph, reused by all layers). The step is bound
+    by host-side launch work without it: 1.6x the tokens/s of a 7B MixLoRA step on an H200
+    (BENCHMARKS.md). Any ZeRO stage, except ZeRO-3 with ``deepspeed.zero3_impl: deepspeed``, whose
+    parameter hooks run inside the layers."""
     trust_remote_code: bool = False
 
 
@@ -149,10 +150,21 @@ class DeepSpeedSection:
     """Nested keys merged over the JSON, e.g. ``{zero_optimization: {stage: 2}}``."""
     timeout_minutes: float | None = None
     """Collective timeout; null = DEEPSPEED_TIMEOUT or DeepSpeed's default (10)."""
+    zero3_impl: Literal["mixlora_ds", "deepspeed"] = "mixlora_ds"
+    """Who shards the frozen base under ZeRO-3 (a DeepSpeed config of stage 3). "mixlora_ds": each
+    decoder layer's frozen weights become one flat buffer split across ranks, gathered by one
+    all-gather one layer ahead of use (``mixlora_ds.parallel``); DeepSpeed's engine then runs stage 2
+    for the trainable adapter (its gradients and optimizer state partitioned, the adapter itself
+    replicated). Works with ``model.compile``: 7B MixLoRA on 2 / 4 H200s ran 3.6x / 4.4x the tokens/s
+    of "deepspeed" (BENCHMARKS.md). The stage-3-only keys of the DeepSpeed config are not used; parameter offload
+    and quantized weights are refused. "deepspeed": DeepSpeed's own stage-3 engine (gathers from
+    hooks on every module; partitions the adapter too when it is larger than
+    ``stage3_param_persistence_threshold``)."""
     zero3_gather: Literal["layer", "module"] = "layer"
-    """ZeRO-3 gather granularity. "layer": each decoder layer is one ZeRO-3 leaf, its frozen weights
-    gathered in one go (1.7x / 2.2x the tokens/s of "module" on 1 / 2 H200s, 7B MixLoRA; see
-    BENCHMARKS.md). "module": DeepSpeed's per-module gathers (the MoE block still one leaf)."""
+    """With ``zero3_impl: deepspeed``, the gather granularity. "layer": each decoder layer is one ZeRO-3
+    leaf, its frozen weights gathered in one go (1.7x / 2.2x the tokens/s of "module" on 1 / 2 H200s,
+    7B MixLoRA; see BENCHMARKS.md). "module": DeepSpeed's per-module gathers (the MoE block still one
+    leaf)."""
 
 
 @dataclass

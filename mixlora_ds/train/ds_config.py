@@ -188,6 +188,57 @@ def _find_auto(d: Any, prefix: str):
         yield prefix
 
 
+# Keys of the ZeRO section that only DeepSpeed's stage-3 engine reads (with their aliases).
+_STAGE3_ONLY = {
+    "offload_param", "sub_group_size", "cpu_offload_param", "cpu_offload_use_pin_memory",
+    "prefetch_bucket_size", "param_persistence_threshold", "model_persistence_threshold",
+    "max_live_parameters", "max_reuse_distance", "gather_16bit_weights_on_model_save",
+    "module_granularity_threshold", "use_all_reduce_for_fetch_params", "allgather_sequential",
+    "stage3_gather_fp16_weights_on_model_save", "zero_hpz_partition_size", "zero_quantized_weights",
+    "zero_quantized_nontrainable_weights", "zero_quantized_gradients", "memory_efficient_linear",
+    "pipeline_loading_checkpoint", "override_module_apply", "leaf_module", "mics_shard_size",
+    "mics_hierarchical_params_gather",
+}
+
+
+def shards_base_itself(cfg: TrainConfig, ds: dict[str, Any]) -> bool:
+    """True when mixlora_ds, not DeepSpeed's stage-3 engine, shards the frozen base."""
+    return zero_stage(ds) == 3 and cfg.deepspeed.zero3_impl == "mixlora_ds"
+
+
+def engine_ds_config(cfg: TrainConfig, ds: dict[str, Any]) -> dict[str, Any]:
+    """The dict DeepSpeed's engine gets for the resolved config ``ds``.
+
+    That is ``ds`` itself, except under ZeRO-3 with ``deepspeed.zero3_impl: mixlora_ds``: the frozen
+    base is then sharded by ``mixlora_ds.parallel`` and the engine runs stage 2 for the trainable
+    adapter, so the stage-3-only keys are dropped. Stage-3 features that sharding does not provide
+    are refused rather than silently ignored.
+    """
+    if not shards_base_itself(cfg, ds):
+        return ds
+    where = find_ds_config_path(cfg)
+    zero = ds["zero_optimization"]
+    unsupported = {
+        "offload_param": isinstance(zero.get("offload_param"), dict)
+        and zero["offload_param"].get("device", "none") != "none",
+        "zero_quantized_weights": bool(zero.get("zero_quantized_weights")),
+        "zero_quantized_nontrainable_weights": bool(zero.get("zero_quantized_nontrainable_weights")),
+        "zero_hpz_partition_size": int(zero.get("zero_hpz_partition_size", 1)) > 1,
+        "mics_shard_size": int(zero.get("mics_shard_size", -1)) > 0,
+    }
+    for key, used in unsupported.items():
+        if used:
+            raise TrainConfigError(
+                f"{where}: zero_optimization.{key} needs DeepSpeed's own stage-3 engine; set "
+                f"deepspeed.zero3_impl: deepspeed in the run config ({where_of(cfg, 'deepspeed')})"
+            )
+    engine = copy.deepcopy(ds)
+    engine["zero_optimization"] = {k: v for k, v in zero.items()
+                                   if k not in _STAGE3_ONLY and not k.startswith("stage3_")}
+    engine["zero_optimization"]["stage"] = 2
+    return engine
+
+
 def resolve_precision(cfg: TrainConfig, device: str) -> str:
     if cfg.precision == "auto":
         return "fp32" if device == "cpu" else "bf16"

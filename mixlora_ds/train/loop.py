@@ -29,6 +29,7 @@ from mixlora_ds.train.batches import (IGNORE, BatchStream, answer_token_count, m
                                       token_ce)
 from mixlora_ds.train.checkpoint import CheckpointManager, find_resume
 from mixlora_ds.train.config import TrainConfig, dump_config
+from mixlora_ds.train.ds_config import zero_stage
 from mixlora_ds.train.gc_schedule import ScheduledGC
 from mixlora_ds.train.metrics import Interval, flop_per_token
 from mixlora_ds.train.monitor import Monitor, peak_memory_gb
@@ -51,9 +52,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        import deepspeed
-
-        from mixlora_ds.train.build import build_model, count_parameters
+        from mixlora_ds.train.build import build_model, count_parameters, start_engine
         from mixlora_ds.train.schedule import build_scheduler
 
         cfg, plan = self.cfg, self.plan
@@ -64,15 +63,16 @@ class Trainer:
         log.info("model: %s parameters, %s trainable (%.3f%%), ZeRO stage %d, %s, world %d, grad accum %d",
                  f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1), plan.stage, plan.precision,
                  self.world, plan.grad_accum)
+        if built.sharded_base is not None:
+            held, full = built.sharded_base.held_numel()
+            log.info("ZeRO-3 by mixlora_ds: frozen base sharded per decoder layer, this rank holds %s of %s "
+                     "elements; DeepSpeed runs stage 2 for the adapter", f"{held:,}", f"{full:,}")
 
         def scheduler(optimizer):
             return build_scheduler(optimizer, cfg.schedule.type, plan.warmup_steps, plan.total_steps,
                                    cfg.schedule.min_lr_ratio)
 
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=built.model, model_parameters=[p for _, p in built.trainable], config=plan.ds_config,
-            lr_scheduler=scheduler,
-        )
+        self.engine = start_engine(built, plan.engine_ds_config, scheduler)
         self.model = self.engine.module
         # Dropout masks differ between ranks (like different GPUs would); resume restores them.
         torch.manual_seed(cfg.seed * 1000 + self.rank)
@@ -101,11 +101,13 @@ class Trainer:
         self.compute_dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
 
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+        # What decides the layout of DeepSpeed's checkpoint files: resume only into the same.
+        self.layout = {"zero_stage": plan.stage, "deepspeed_engine_stage": zero_stage(plan.engine_ds_config)}
         self.run_config_yaml = dump_config(cfg)
         self.step = 0
         info = find_resume(self.resume_spec, cfg.checkpoint_dir)
         if info is not None:
-            state = self.ckpt.load(self.engine, info)
+            state = self.ckpt.load(self.engine, info, self.layout)
             self.step = state["step"]
             self.train_stream.load_state_dict(state["data"])
             log.info("resumed from %s at step %d", info.path, self.step)
@@ -122,6 +124,10 @@ class Trainer:
             atomic_write_text(os.path.join(cfg.output_dir, "ds_config.json"), json.dumps(plan.ds_config, indent=2) + "\n")
             log.info("resolved run config:\n%s", self.run_config_yaml)
             log.info("resolved DeepSpeed config: %s", json.dumps(plan.ds_config, sort_keys=True))
+            if plan.engine_ds_config is not plan.ds_config:
+                atomic_write_text(os.path.join(cfg.output_dir, "ds_engine_config.json"),
+                                  json.dumps(plan.engine_ds_config, indent=2) + "\n")
+                log.info("DeepSpeed engine config: %s", json.dumps(plan.engine_ds_config, sort_keys=True))
         self.monitor = Monitor(cfg.tensorboard_dir, dist.is_main(), plan.total_steps,
                                cfg.logging.progress_bar, start_step=self.step)
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -320,7 +326,7 @@ class Trainer:
         t = time.time()
         data_state = data_state if data_state is not None else self.train_stream.state_dict()
         path = self.ckpt.save(self.engine, self.step, {"data": data_state},
-                              self.run_config_yaml, self.plan.ds_config, {"reason": reason})
+                              self.run_config_yaml, self.plan.ds_config, {"reason": reason, "layout": self.layout})
         log.info("checkpoint %s (%s) in %.1fs", path, reason, time.time() - t)
 
     def export(self) -> None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mixlora_ds.train.config import TrainConfig, TrainConfigError, where_of
-from mixlora_ds.train.ds_config import resolve_ds_config, resolve_precision, zero_stage
+from mixlora_ds.train.ds_config import (engine_ds_config, resolve_ds_config, resolve_precision,
+                                        shards_base_itself, zero_stage)
 
 
 @dataclass
@@ -25,7 +26,13 @@ class RunPlan:
     device: str
     precision: str
     stage: int
+    """The ZeRO stage of the DeepSpeed config (3: the frozen base is sharded, see ``shards_base``)."""
     ds_config: dict[str, Any]
+    """The resolved DeepSpeed config, as given (construction under ZeRO-3 follows it)."""
+    engine_ds_config: dict[str, Any]
+    """What DeepSpeed's engine gets (``ds_config.engine_ds_config``)."""
+    shards_base: bool
+    """mixlora_ds shards the frozen base itself (ZeRO-3 with ``deepspeed.zero3_impl: mixlora_ds``)."""
     hf_config: Any
     adapter_config: Any
     grad_accum: int
@@ -123,11 +130,12 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
     ds_config = resolve_ds_config(cfg, world_size, getattr(hf_config, "hidden_size", None), device)
     stage = zero_stage(ds_config)
     grad_accum = ds_config["gradient_accumulation_steps"]
-    if cfg.model.compile and stage == 3:
-        raise TrainConfigError(f"{where_of(cfg, 'model.compile')}: model.compile needs a DeepSpeed config of "
-                               f"stage 0, 1 or 2 (this one is stage 3, whose parameter hooks run inside the "
-                               f"compiled layers); use ds_configs/zero2_bf16.json when the base fits on each "
-                               f"GPU, or model.compile: false")
+    shards_base = shards_base_itself(cfg, ds_config)
+    engine_config = engine_ds_config(cfg, ds_config)
+    if cfg.model.compile and stage == 3 and not shards_base:
+        raise TrainConfigError(f"{where_of(cfg, 'model.compile')}: model.compile does not work with "
+                               f"deepspeed.zero3_impl: deepspeed (DeepSpeed's stage-3 parameter hooks run inside "
+                               f"the compiled layers); use zero3_impl: mixlora_ds, or model.compile: false")
 
     if not cfg.data.train_dir:
         raise TrainConfigError(f"{where_of(cfg, 'data.train_dir')}: data.train_dir is required")
@@ -159,5 +167,5 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
             f"held-out data: set data.eval_dir or prepare an '{cfg.data.eval_split}' split"
         )
     warmup = warmup_steps_for(cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio, total)
-    return RunPlan(cfg, world_size, device, precision, stage, ds_config, hf_config, adapter_config, grad_accum,
-                   n_train, seq_len, mb_per_epoch, total, warmup, eval_dir, manifest)
+    return RunPlan(cfg, world_size, device, precision, stage, ds_config, engine_config, shards_base, hf_config,
+                   adapter_config, grad_accum, n_train, seq_len, mb_per_epoch, total, warmup, eval_dir, manifest)

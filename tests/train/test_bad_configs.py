@@ -19,7 +19,11 @@ CASES = {
                             ["global_batch_size=6", "not divisible", "micro_batch_size (2) x world size (2)"]),
     "target_missing": ({"adapter__target_modules": ["q_proj", "fc1"]},
                        ["adapter.target_modules", "['fc1']", "not found in the llama model"]),
-    "compile_under_zero3": ({"model__compile": True}, ["model.compile", "stage 0, 1 or 2", "this one is stage 3"]),
+    "compile_under_deepspeed_zero3": ({"model__compile": True, "deepspeed__zero3_impl": "deepspeed"},
+                                      ["model.compile", "zero3_impl: deepspeed", "zero3_impl: mixlora_ds"]),
+    "param_offload_without_deepspeed_zero3": (
+        {"deepspeed__overrides": {"zero_optimization": {"offload_param": {"device": "cpu"}}}},
+        ["zero_optimization.offload_param", "deepspeed.zero3_impl: deepspeed"]),
 }
 
 

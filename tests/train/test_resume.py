@@ -73,3 +73,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero_then_resumes(dropout_run, ass
     assert_ok(resumed)
     assert_same_curve(resumed.metrics(), dropout_run.metrics())
     assert max_adapter_diff(out / "adapter", dropout_run.out_dir / "adapter") <= 1e-6
+
+
+def test_resume_into_another_zero3_layout_is_refused(dropout_run, assets, runs_root):
+    """A checkpoint of the default ZeRO-3 (mixlora_ds sharding, DeepSpeed at stage 2 for the adapter)
+    has another file layout than one of DeepSpeed's stage-3 engine: resuming across is refused by
+    name, on every rank, instead of failing inside DeepSpeed."""
+    out = runs_root / "other_layout"
+    cfg = write_config(dropout_config(assets, out) | {"deepspeed": dict(dropout_config(assets, out)["deepspeed"],
+                                                                         zero3_impl="deepspeed")},
+                       runs_root / "other_layout.yaml")
+    saved = dropout_run.out_dir / "checkpoints"
+    result = run_training(2, cfg, out, "--resume", str(saved))
+    assert result.returncode != 0, result.output[-3000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}] checkpoint error:" in result.output
+    assert ("saved with zero stage 3, deepspeed engine stage 2, resuming with zero stage 3, deepspeed engine "
+            "stage 3" in result.output)
+    assert "resume with the settings it was saved with" in result.output
+    assert not (out / "checkpoints").exists()

@@ -12,11 +12,15 @@ from tests.train.oracle import oracle_run
 pytestmark = pytest.mark.distributed
 
 STEPS = 3
+# name: (ZeRO stage, run-config changes)
 VARIANTS = {
-    "stage0": {"zero_optimization": {"stage": 0}},
-    "stage1": {"zero_optimization": {"stage": 1}},
-    "stage2_offload": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
-    "stage3_offload": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
+    "stage0": (0, {"deepspeed__overrides": {"zero_optimization": {"stage": 0}}}),
+    "stage1": (1, {"deepspeed__overrides": {"zero_optimization": {"stage": 1}}}),
+    "stage2_offload": (2, {"deepspeed__overrides": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}}),
+    "stage3_offload": (3, {"deepspeed__overrides": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}}),
+    # DeepSpeed's own stage-3 engine instead of mixlora_ds's sharding of the frozen base.
+    "stage3_deepspeed": (3, {"deepspeed__zero3_impl": "deepspeed"}),
+    "stage3_deepspeed_module_gathers": (3, {"deepspeed__zero3_impl": "deepspeed", "deepspeed__zero3_gather": "module"}),
 }
 
 
@@ -46,9 +50,11 @@ def run_like_oracle(name: str, cfg: dict, oracle, runs_root, tol: float = 1e-5):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_zero_stage_matches_oracle(variant, oracle, assets, runs_root):
-    cfg = short_config(assets, runs_root / variant, deepspeed__overrides=VARIANTS[variant])
+    stage, changes = VARIANTS[variant]
+    cfg = short_config(assets, runs_root / variant, **changes)
     result = run_like_oracle(variant, cfg, oracle, runs_root)
-    assert f"ZeRO stage {VARIANTS[variant]['zero_optimization']['stage']}" in result.output
+    assert f"ZeRO stage {stage}" in result.output
+    assert ("ZeRO-3 by mixlora_ds" in result.output) == (stage == 3 and "deepspeed__zero3_impl" not in changes)
 
 
 @pytest.mark.parametrize("shipped", ["zero2_bf16.json", "zero3_bf16.json"])
@@ -61,10 +67,13 @@ def test_shipped_gpu_configs_match_oracle(shipped, oracle, assets, runs_root):
     run_like_oracle(name, cfg, oracle, runs_root)
 
 
-def test_compiled_layers_under_zero2_match_oracle(oracle, assets, runs_root):
-    """``model.compile`` (every decoder layer through torch.compile, with activation checkpointing as
-    the run config has it) trains like the eager single-process oracle under ZeRO-2. Compiled kernels
-    may reorder float arithmetic: 1e-4 rather than the 1e-5 of the eager stages."""
-    cfg = short_config(assets, runs_root / "compiled_zero2", model__compile=True,
-                       deepspeed__overrides={"zero_optimization": {"stage": 2}})
-    run_like_oracle("compiled_zero2", cfg, oracle, runs_root, tol=1e-4)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_compiled_layers_match_oracle(stage, oracle, assets, runs_root):
+    """``model.compile`` (every decoder layer's forward through torch.compile, with activation
+    checkpointing as the run config has it) trains like the eager single-process oracle under ZeRO-2,
+    and under ZeRO-3 with the frozen base sharded by mixlora_ds (hooks around the compiled layers).
+    Compiled kernels may reorder float arithmetic: 1e-4 rather than the 1e-5 of the eager stages."""
+    name = f"compiled_zero{stage}"
+    cfg = short_config(assets, runs_root / name, model__compile=True,
+                       deepspeed__overrides={"zero_optimization": {"stage": stage}})
+    run_like_oracle(name, cfg, oracle, runs_root, tol=1e-4)

@@ -7,11 +7,12 @@ import json
 import math
 
 import pytest
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
 from mixlora_ds import dist
 from mixlora_ds.train.checkpoint import COMPLETE, CheckpointError, find_resume, list_checkpoints
 from mixlora_ds.train.config import TrainConfigError, load_config, parse_overrides
-from mixlora_ds.train.ds_config import resolve_ds_config
+from mixlora_ds.train.ds_config import engine_ds_config, resolve_ds_config, shards_base_itself
 from mixlora_ds.train.monitor import heatmap_image
 from mixlora_ds.train.schedule import lr_factor
 
@@ -101,6 +102,40 @@ def test_ds_contradictions_and_unresolvable_auto_refused(tmp_path, ds, message):
     with pytest.raises(TrainConfigError) as e:
         resolve_ds_config(cfg, world_size=2, hidden_size=64, device="cpu")
     assert message in str(e.value) and str(tmp_path / "ds.json") in str(e.value)
+
+
+def test_zero3_engine_config_for_mixlora_ds_sharding():
+    """Under ZeRO-3 with the base sharded by mixlora_ds, DeepSpeed's engine gets stage 2 and none of
+    the stage-3-only keys; with ``zero3_impl: deepspeed`` it gets the config as resolved."""
+    cfg = load_config(str(REPO / "configs" / "llama2-7b-mixlora.yaml"),
+                      ["--deepspeed.config", str(REPO / "ds_configs" / "zero3_bf16.json")])
+    ds = resolve_ds_config(cfg, world_size=4, hidden_size=4096, device="cuda")
+    assert shards_base_itself(cfg, ds)
+    engine = engine_ds_config(cfg, ds)
+    z = engine["zero_optimization"]
+    assert z["stage"] == 2 and not any(k.startswith("stage3_") for k in z) and "memory_efficient_linear" not in z
+    assert z["overlap_comm"] is False and z["reduce_bucket_size"] == 4096 * 4096
+    assert engine["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert ds["zero_optimization"]["stage"] == 3  # the resolved config itself is left alone
+    DeepSpeedZeroConfig(**z)  # and the engine's section is one DeepSpeed accepts
+    cfg.deepspeed.zero3_impl = "deepspeed"
+    assert not shards_base_itself(cfg, ds) and engine_ds_config(cfg, ds) is ds
+
+
+@pytest.mark.parametrize("zero, key", [
+    ({"offload_param": {"device": "cpu"}}, "offload_param"),
+    ({"zero_quantized_weights": True}, "zero_quantized_weights"),
+    ({"zero_hpz_partition_size": 2}, "zero_hpz_partition_size"),
+])
+def test_stage3_features_only_deepspeeds_engine_has_are_refused(tmp_path, zero, key):
+    path = ds_file(tmp_path, {"zero_optimization": dict(stage=3, **zero)})
+    cfg = load_config(None, ["--deepspeed.config", path, "--batch.global_batch_size", "2",
+                             "--batch.micro_batch_size", "1"])
+    ds = resolve_ds_config(cfg, world_size=2, hidden_size=64, device="cpu")
+    with pytest.raises(TrainConfigError) as e:
+        engine_ds_config(cfg, ds)
+    assert f"zero_optimization.{key}" in str(e.value) and "deepspeed.zero3_impl: deepspeed" in str(e.value)
+    assert path in str(e.value)
 
 
 def test_cpu_adam_needs_offload(tmp_path):

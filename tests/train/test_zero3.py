@@ -1,4 +1,5 @@
-"""Under ZeRO-3 the frozen base is really partitioned and only router / LoRA parameters get gradients."""
+"""Under ZeRO-3 the frozen base is really partitioned and only router / LoRA parameters get gradients,
+whoever shards it: mixlora_ds (per decoder layer, the default) or DeepSpeed's stage-3 engine."""
 
 from __future__ import annotations
 
@@ -14,31 +15,38 @@ from tests.train.conftest import REPO, RUN_TIMEOUT, launch_env, run_config, writ
 pytestmark = pytest.mark.distributed
 
 ADAPTER_PARAM = re.compile(r"(\.lora_A\.|\.lora_B\.|\.experts\.[a-z_]+\.lora_[AB]$|\.router\.weight$|lora_magnitude)")
+IMPLS = ("mixlora_ds", "deepspeed")
 
 
-@pytest.fixture(scope="module")
-def probe(assets, runs_root):
-    cfg = write_config(run_config(assets, runs_root / "probe"), runs_root / "probe.yaml")
+@pytest.fixture(scope="module", params=IMPLS)
+def probe(request, assets, runs_root):
+    impl = request.param
+    out = runs_root / f"probe_{impl}"
+    out.mkdir(exist_ok=True)
+    cfg = write_config(run_config(assets, out, deepspeed__zero3_impl=impl), runs_root / f"probe_{impl}.yaml")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(REPO / "tests" / "train" / "zero3_probe.py"), str(cfg), str(runs_root)],
+                        str(REPO / "tests" / "train" / "zero3_probe.py"), str(cfg), str(out)],
                        env=launch_env(runs_root), cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
-    reports = [json.loads((runs_root / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
+    reports = [json.loads((out / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["rank"] for r in reports) == [0, 1]
+    assert all(r["impl"] == impl for r in reports)
     return reports
 
 
 def test_base_weights_are_partitioned_from_construction(probe):
     for report in probe:
         for when in ("frozen_before", "frozen_after"):
-            shards = report[when]
-            assert shards, "no partitioned frozen parameter found"
-            held = sum(local for local, _ in shards.values())
-            full = sum(total for _, total in shards.values())
-            # Each rank holds about half of every tensor (padding rounds partitions up).
+            pieces = report[when]
+            assert pieces, "no partitioned frozen piece found"
+            held = sum(local for local, _ in pieces.values())
+            full = sum(total for _, total in pieces.values())
+            # Each rank holds about half of every piece (padding rounds partitions up).
             assert 0.45 * full <= held <= 0.55 * full, (when, held, full)
-            for name, (local, total) in shards.items():
+            for name, (local, total) in pieces.items():
                 assert local < total, f"{name} is whole on rank {report['rank']} ({when})"
+        # Between steps no layer stays gathered.
+        assert report["gathered_after"] == []
     assert probe[0]["frozen_after"].keys() == probe[1]["frozen_after"].keys()
 
 
@@ -56,6 +64,9 @@ def test_only_router_and_lora_parameters_train_and_get_gradients(probe):
             assert g is None, f"frozen parameter {name} received a gradient"
 
 
-def test_moe_blocks_are_zero3_leaf_modules(probe):
+def test_moe_blocks_are_zero3_leaf_modules_under_deepspeeds_engine(probe):
+    """DeepSpeed's engine needs every rank to gather the same modules: the MoE block is one leaf.
+    mixlora_ds gathers whole decoder layers, so it needs no leaf marking."""
     leaf = probe[0]["leaf_blocks"]
-    assert leaf and all(leaf)
+    assert leaf
+    assert all(leaf) if probe[0]["impl"] == "deepspeed" else not any(leaf)

@@ -1,0 +1,108 @@
+"""Frozen parameters of one unit kept as one flat buffer, of which each rank holds a 1/N slice.
+
+Shapes: N ranks in the group; the unit's parameters, flattened and concatenated in order (each
+starting on a 128-byte boundary, as GEMM and compiled kernels like their operands), fill ``full_F``
+(F = N * S elements, the tail padded); rank r keeps ``full_F[r*S:(r+1)*S]`` as ``shard_S``.
+
+The parameters stay the ``nn.Parameter`` objects of their modules, each a fixed view into
+``full_F``. Between uses the storage of ``full_F`` is freed (resized to zero bytes) and one
+all-gather refills it, so every view of it sees the weights again: the parameters, and whatever
+autograd or a compiled graph saved for backward. Frozen weights never change, so nothing is ever
+written back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+
+ALIGN_BYTES = 128
+SHARD_ATTR = "_mixlora_flat_shard"
+"""Set on every parameter a ``FlatShard`` owns, pointing to it (see ``mixlora_ds.zero.gathered``)."""
+
+
+class FlatShard:
+    """Gather (``unshard`` then ``wait``) and free (``reshard``) the frozen weights of one unit.
+
+    ``unshard`` starts the all-gather and returns at once, so the next unit's weights can travel while
+    this one computes; ``wait`` makes the current stream wait for them (no host synchronisation on
+    GPUs). With one rank the shard is the whole buffer and all three are no-ops.
+    """
+
+    def __init__(self, name: str, params: Sequence[nn.Parameter], group: tdist.ProcessGroup | None = None):
+        """Copy this rank's slice of ``params`` (one dtype, one device), whose ``.data`` must hold their
+        full values now (``frozen_base.shard_frozen_base`` gathers ZeRO-3-partitioned ones first);
+        ``take_over`` then makes the parameters views of the flat buffer."""
+        if not params:
+            raise ValueError(f"{name}: a flat shard needs at least one parameter")
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) != 1:
+            raise ValueError(f"{name}: one dtype and device per flat shard, got {sorted(map(str, kinds))}")
+        self.name = name
+        self.params = list(params)
+        self.group = group
+        self.world = tdist.get_world_size(group) if tdist.is_initialized() else 1
+        self.rank = tdist.get_rank(group) if tdist.is_initialized() else 0
+        self.shapes = [p.shape for p in self.params]  # now, while the values are whole
+        self.numel = sum(p.numel() for p in self.params)
+        dtype, device = self.params[0].dtype, self.params[0].device
+        align = max(1, ALIGN_BYTES // self.params[0].element_size())
+        self.offsets, end = [], 0
+        for shape in self.shapes:
+            self.offsets.append(end)
+            end = math.ceil((end + shape.numel()) / align) * align
+        self.shard_numel = math.ceil(end / self.world / align) * align
+        self.shard_S = torch.zeros(self.shard_numel, dtype=dtype, device=device)
+        lo, hi = self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
+        for p, offset in zip(self.params, self.offsets):
+            a, b = max(lo, offset), min(hi, offset + p.numel())
+            if a < b:  # the part of this parameter that falls in our slice
+                self.shard_S[a - lo:b - lo].copy_(p.data.reshape(-1)[a - offset:b - offset])
+        self.full_F = self.shard_S if self.world == 1 else torch.empty(
+            self.shard_numel * self.world, dtype=dtype, device=device)
+        self._full_bytes = self.full_F.untyped_storage().nbytes()
+        self._work = None
+        self.gathered = True
+
+    def take_over(self) -> None:
+        """Point every parameter at its view of the full buffer and free the buffer. Separate from
+        construction so a caller can first let the previous owner of the values (ZeRO-3) let go."""
+        for p, shape, offset in zip(self.params, self.shapes, self.offsets):
+            p.data = self.full_F[offset:offset + shape.numel()].view(shape)
+            setattr(p, SHARD_ATTR, self)
+        self.reshard()
+
+    # --------------------------------------------------------------------------------- state
+    def unshard(self) -> None:
+        """Start gathering the full weights (a collective: every rank calls it in the same order)."""
+        if self.gathered or self._work is not None:
+            return
+        self.full_F.untyped_storage().resize_(self._full_bytes)
+        self._work = tdist.all_gather_into_tensor(self.full_F, self.shard_S, group=self.group, async_op=True)
+
+    def wait(self) -> None:
+        """The full weights are usable (on the current stream) once this returns."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            self.gathered = True
+        elif not self.gathered:
+            raise RuntimeError(f"{self.name}: wait() before unshard()")
+
+    def reshard(self) -> None:
+        """Free the full weights; only this rank's slice stays."""
+        if self.world == 1:
+            return
+        if self._work is not None:  # never free memory a collective still writes
+            self.wait()
+        self.full_F.untyped_storage().resize_(0)
+        self.gathered = False
+
+    @property
+    def held_numel(self) -> int:
+        """Elements of this unit this rank keeps between uses."""
+        return self.shard_numel if self.world > 1 else self.numel

@@ -1,0 +1,289 @@
+"""ZeRO-3 for a frozen base: shard its weights per decoder layer and gather each layer around its use.
+
+A frozen base needs no gradient reduction and no optimizer state, so what ZeRO-3 has to do for it
+is small: keep 1/N of every frozen weight, gather a layer's weights before the layer runs (in
+forward, and again in backward, where the input gradient needs them) and free them afterwards.
+This module does exactly that, with one flat all-gather per decoder layer (``FlatShard``), started
+one layer ahead so it travels while the previous layer computes. Its hooks sit on the decoder
+layers, never inside them, so a layer's forward can be compiled. (DeepSpeed's stage-3 engine gathers
+from hooks on every module, which keeps the layers eager: on 7B MixLoRA, 2 / 4 H200s, it ran 2,938 /
+2,432 tokens/s per GPU against 10,563 / 10,616 for this module with compiled layers; BENCHMARKS.md.)
+The trainable adapter is untouched: DeepSpeed's ZeRO-1/2 handles it.
+
+Units: one per decoder layer (every frozen parameter inside it, wherever nested), plus the "outer"
+unit of the frozen parameters outside the layers (embeddings, final norm, LM head), which is
+gathered at the model's first use in a forward and freed once backward is done.
+
+Order of events, L layers, one training micro-batch::
+
+    forward:   outer gathered; layer i: wait for i, start i+1, compute, free i (but L-1, which
+               backward needs first)
+    backward:  layer i: wait for i, start i-1, compute gradients, free i
+               end of backward: free everything still gathered (outer unit included)
+
+Without autograd (evaluation) every layer is freed after its forward, and everything at the end.
+
+Every rank must run the same layers in the same order (true of data parallelism): gathers are
+collectives. Activation checkpointing re-runs a layer's forward inside its backward; the hooks see
+that the layer is already gathered and leave it be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+
+from mixlora_ds.parallel.flat_shard import FlatShard
+
+
+class Unit:
+    """The flat shards (one per dtype) of one decoder layer or of the outer parameters."""
+
+    def __init__(self, name: str, shards: list[FlatShard]):
+        self.name = name
+        self.shards = shards
+
+    def unshard(self) -> None:
+        for s in self.shards:
+            s.unshard()
+
+    def wait(self) -> None:
+        for s in self.shards:
+            s.wait()
+
+    def gather_now(self) -> None:
+        self.unshard()
+        self.wait()
+
+    def reshard(self) -> None:
+        for s in self.shards:
+            s.reshard()
+
+
+class ShardedFrozenBase:
+    """The frozen weights of ``model`` sharded per decoder layer across ``group``, with the hooks
+    that gather them around their use. Build it with :func:`shard_frozen_base`."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], layer_units: list[Unit],
+                 outer: Unit | None, outer_modules: list[nn.Module]):
+        self.model = model
+        self.layers = list(layers)
+        self.units = layer_units
+        self.outer = outer
+        self.prefetch = True
+        """Start the next layer's gather before this one computes (off: each layer waits for its own)."""
+        self.in_backward = False
+        self._handles = []
+        self._handles.append(model.register_forward_pre_hook(self._model_pre_forward))
+        self._handles.append(model.register_forward_hook(self._model_post_forward))
+        for module in outer_modules:  # whoever calls a submodule directly still finds its weights
+            self._handles.append(module.register_forward_pre_hook(self._outer_pre_forward))
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_pre_forward(i), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(self._layer_post_forward(i)))
+
+    # -------------------------------------------------------------------------- forward hooks
+    def _model_pre_forward(self, module, args) -> None:
+        if self.in_backward:  # a backward that raised never reached its end-of-backward callback
+            self._after_backward()
+        self._outer_pre_forward(module, args)
+        if self.units and self.prefetch:
+            self.units[0].unshard()  # travels while the embeddings run
+
+    def _outer_pre_forward(self, module, args) -> None:
+        if self.outer is not None:
+            self.outer.gather_now()
+
+    def _model_post_forward(self, module, args, output) -> None:
+        if not torch.is_grad_enabled():
+            self.reshard_all()
+
+    def _layer_pre_forward(self, i: int):
+        def hook(module, args, kwargs):
+            unit = self.units[i]
+            unit.gather_now()
+            if self.in_backward:  # activation checkpointing re-runs the forward inside backward
+                return None
+            if i + 1 < len(self.units) and self.prefetch:
+                self.units[i + 1].unshard()
+            if not torch.is_grad_enabled():
+                return None
+            # Free this layer once its backward has produced the gradient of its input.
+            args, kwargs = _map_tensors((args, kwargs), lambda t: _ReshardAfterBackward.apply(t, self, i))
+            return args, kwargs
+        return hook
+
+    def _layer_post_forward(self, i: int):
+        def hook(module, args, output):
+            if self.in_backward:
+                return None
+            if not torch.is_grad_enabled():
+                self.units[i].reshard()
+                return None
+            if i + 1 < len(self.units):  # the last layer is the first one backward needs: keep it
+                self.units[i].reshard()
+            # Gather this layer again when backward reaches its output.
+            return _map_tensors(output, lambda t: _GatherBeforeBackward.apply(t, self, i))
+        return hook
+
+    # ------------------------------------------------------------------------- backward steps
+    def _before_layer_backward(self, i: int) -> None:
+        if not self.in_backward:
+            self.in_backward = True
+            # Runs once this backward pass is over, whatever path it took.
+            torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+        self.units[i].gather_now()
+        if i > 0 and self.prefetch:
+            self.units[i - 1].unshard()
+
+    def _after_layer_backward(self, i: int) -> None:
+        self.units[i].reshard()
+
+    def _after_backward(self) -> None:
+        self.reshard_all()
+        self.in_backward = False
+
+    # ------------------------------------------------------------------------------- helpers
+    def reshard_all(self) -> None:
+        for unit in self.units:
+            unit.reshard()
+        if self.outer is not None:
+            self.outer.reshard()
+
+    def all_shards(self) -> list[FlatShard]:
+        units = self.units + ([self.outer] if self.outer is not None else [])
+        return [s for u in units for s in u.shards]
+
+    def held_numel(self) -> tuple[int, int]:
+        """(elements this rank keeps between uses, elements of the whole frozen base)."""
+        shards = self.all_shards()
+        return sum(s.held_numel for s in shards), sum(s.numel for s in shards)
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class _GatherBeforeBackward(torch.autograd.Function):
+    """Identity on a layer's output; its backward gathers the layer (and starts the one before)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, owner: ShardedFrozenBase, i: int) -> torch.Tensor:
+        ctx.owner, ctx.i = owner, i
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.owner._before_layer_backward(ctx.i)
+        return grad, None, None
+
+
+class _ReshardAfterBackward(torch.autograd.Function):
+    """Identity on a layer's input; its backward runs once the input's gradient is complete, i.e.
+    once the layer's backward no longer needs the frozen weights."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, owner: ShardedFrozenBase, i: int) -> torch.Tensor:
+        ctx.owner, ctx.i = owner, i
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.owner._after_layer_backward(ctx.i)
+        return grad, None, None
+
+
+def _map_tensors(obj: Any, fn) -> Any:
+    """``fn`` applied to every floating-point tensor that requires grad in nested tuples/lists/dicts
+    (a layer's inputs and outputs); everything else is returned as it is."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj) if obj.requires_grad and obj.is_floating_point() else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuples
+        return type(obj)(*(_map_tensors(v, fn) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------------------------- building
+def frozen_params(module: nn.Module, exclude: set[int] = frozenset()) -> list[nn.Parameter]:
+    """Frozen parameters of ``module`` in registration order, each once (tied weights share one)."""
+    seen, out = set(exclude), []
+    for p in module.parameters():
+        if not p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _shard_unit(name: str, params: list[nn.Parameter], group) -> Unit:
+    """Copy our slices of ``params`` (gathering ZeRO-3-partitioned ones), then own the parameters."""
+    from mixlora_ds.zero import gathered
+
+    by_kind: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = defaultdict(list)
+    for p in params:
+        by_kind[(p.dtype, p.device)].append(p)
+    with gathered(params):
+        shards = [FlatShard(f"{name}[{dtype}]", ps, group) for (dtype, _), ps in by_kind.items()]
+    for p in params:
+        _forget_zero3(p)
+    for s in shards:
+        s.take_over()
+    return Unit(name, shards)
+
+
+def _forget_zero3(p: nn.Parameter) -> None:
+    """Drop what ``deepspeed.zero.Init`` attached to a parameter (its partition included), so
+    DeepSpeed and ``mixlora_ds.zero`` treat it as an ordinary tensor from now on."""
+    zero_init_attrs = {"all_gather", "all_gather_coalesced", "partition", "reduce_gradients_at_owner",
+                       "partition_gradients", "aligned_size", "padding_size", "partition_numel", "item",
+                       "convert_to_zero_parameters", "is_external_param", "nvme_swapper"}
+    for key in [k for k in vars(p) if k.startswith("ds_") or k in zero_init_attrs]:
+        delattr(p, key)
+
+
+def shard_frozen_base(model: nn.Module, layers: Sequence[nn.Module],
+                      group: tdist.ProcessGroup | None = None) -> ShardedFrozenBase:
+    """Shard every frozen parameter of ``model`` per decoder layer across ``group`` and install the
+    hooks that gather them. Collective. The parameters may be whole (any model) or partitioned by
+    ``deepspeed.zero.Init`` (one layer at a time is gathered to re-shard it, so no rank ever holds
+    the whole model); trainable parameters are left alone."""
+    layer_units, inside = [], set()
+    for i, layer in enumerate(layers):
+        params = frozen_params(layer)
+        inside.update(id(p) for p in params)
+        layer_units.append(_shard_unit(f"layer {i}", params, group) if params else Unit(f"layer {i}", []))
+    outer_params = frozen_params(model, exclude=inside)
+    outer = _shard_unit("outer", outer_params, group) if outer_params else None
+    owned = {id(p) for p in outer_params}
+    outer_modules = [m for m in model.modules()
+                     if any(id(p) in owned for p in m.parameters(recurse=False))]
+    return ShardedFrozenBase(model, layers, layer_units, outer, outer_modules)
+
+
+@contextlib.contextmanager
+def hidden_from_engine_broadcast(sharded: ShardedFrozenBase | None) -> Iterator[None]:
+    """DeepSpeed's engine start-up leaves the sharded weights alone inside this block.
+
+    A stage 0-2 engine assumes a replicated model and broadcasts every parameter from rank 0 when it
+    starts; it skips parameters whose ``ds_status`` says they are not available, which is what a
+    freed shard is. The flag is removed again afterwards.
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    params = [p for s in sharded.all_shards() for p in s.params] if sharded is not None else []
+    for p in params:
+        p.ds_status = ZeroParamStatus.NOT_AVAILABLE
+    try:
+        yield
+    finally:
+        for p in params:
+            del p.ds_status

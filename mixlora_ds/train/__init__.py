@@ -1,0 +1,1 @@
+"""Training with DeepSpeed: run config, plan, model build, loop, checkpoints, export, monitoring."""
