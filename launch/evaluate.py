@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model")
     src.add_argument("--base-model", help="local Hugging Face model directory")
-    src.add_argument("--model-config", help="instead of --base-model: a preset (tiny, llama2-7b) or a config.json; "
+    src.add_argument("--model-config", help="instead of --base-model: a preset (tiny, llama2-7b), a config.json or a "
+                                            "run YAML's model.config; "
                                             "random weights drawn from --seed")
     src.add_argument("--seed", type=int, default=0, help="seed of the random base weights (--model-config)")
     src.add_argument("--adapter", help="adapter directory (MixLoRA, LoRA or DoRA); none = the base model alone")

@@ -24,7 +24,8 @@ from mixlora_ds.inference import generate, load_for_inference  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-model", help="local Hugging Face model directory")
-    p.add_argument("--model-config", help="instead of --base-model: a preset (tiny, llama2-7b) or config.json; "
+    p.add_argument("--model-config", help="instead of --base-model: a preset (tiny, llama2-7b), config.json or run "
+                                          "YAML's model.config; "
                                           "random weights from --model-seed")
     p.add_argument("--model-seed", type=int, default=0)
     p.add_argument("--adapter", help="adapter directory; none = the base model alone")

@@ -145,10 +145,9 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
     map_slurm_env()
     skip_cpu_shm_comm_build()
     kwargs: dict[str, Any] = {"auto_mpi_discovery": "RANK" not in os.environ, "verbose": False}
-    if timeout_minutes is None and os.environ.get("DEEPSPEED_TIMEOUT"):
-        timeout_minutes = float(os.environ["DEEPSPEED_TIMEOUT"])
-    if timeout_minutes is not None:
-        kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
+    timeout = collective_timeout(timeout_minutes)
+    if timeout is not None:
+        kwargs["timeout"] = timeout
     # Without a launcher (python launch/train.py) run as a world of one.
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -161,6 +160,23 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
         # Before any model is built: zero.Init places each shard on the current device.
         get_accelerator().set_device(local_rank())
     deepspeed.init_distributed(**kwargs)
+
+
+def collective_timeout(timeout_minutes: float | None = None) -> datetime.timedelta | None:
+    """How long a collective may wait: ``timeout_minutes``, else DEEPSPEED_TIMEOUT (minutes), else
+    None (the backend's default)."""
+    if timeout_minutes is None and os.environ.get("DEEPSPEED_TIMEOUT"):
+        timeout_minutes = float(os.environ["DEEPSPEED_TIMEOUT"])
+    return None if timeout_minutes is None else datetime.timedelta(minutes=timeout_minutes)
+
+
+def new_group(timeout_minutes: float | None = None):
+    """A process group of all ranks (None with a world of one), with the run's collective timeout."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return None
+    timeout = collective_timeout(timeout_minutes)
+    return torch.distributed.new_group(list(range(torch.distributed.get_world_size())),
+                                       **({"timeout": timeout} if timeout is not None else {}))
 
 
 def _free_port() -> int:

@@ -27,7 +27,8 @@ from mixlora_ds.utils.jsonfile import load_json
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # The project's embedded default: tiny enough for CPU tests, LLaMA-shaped (GQA, SwiGLU).
+    # The project's embedded default: tiny enough for CPU tests, LLaMA-shaped (GQA, SwiGLU). The same
+    # model as configs/tiny.yaml's model.config (a test holds them equal), initializer_range included.
     "tiny": dict(
         model_type="llama",
         hidden_size=64,
@@ -39,6 +40,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=1024,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
+        initializer_range=0.2,
     ),
     # LLaMA-2-7B's shapes, for benchmarks with random weights.
     "llama2-7b": dict(
@@ -80,11 +82,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 # ---------------------------------------------------------------------------------- base models
 def model_config_from(spec: str | os.PathLike | Mapping[str, Any], **overrides: Any):
-    """A transformers config from a preset name, a config.json path or a mapping with ``model_type``."""
+    """A transformers config from a preset name, a config.json path (or model directory), a training
+    run YAML (its ``model.config``) or a mapping with ``model_type``."""
     from transformers import AutoConfig
 
     if isinstance(spec, (str, os.PathLike)) and str(spec) in MODEL_PRESETS:
         d = dict(MODEL_PRESETS[str(spec)])
+    elif isinstance(spec, (str, os.PathLike)) and Path(spec).suffix in (".yaml", ".yml"):
+        from mixlora_ds.train.config import load_config
+
+        run_model = load_config(str(spec)).model
+        if run_model.config is None:
+            raise ValueError(f"{spec}: model.config is not set (this run loads {run_model.name_or_path!r})")
+        return model_config_from(run_model.config, **overrides)
     elif isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
         if path.is_dir():

@@ -31,9 +31,9 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
     the sharded frozen base is read-only.
     """
     params = [p for p in params if p is not None]
-    shards = {id(s): s for p in params if (s := getattr(p, SHARD_ATTR, None)) is not None and not s.gathered}
-    if shards and modifier_rank is not None:
+    if modifier_rank is not None and any(hasattr(p, SHARD_ATTR) for p in params):
         raise ValueError("the sharded frozen base is read-only: gathered(..., modifier_rank=...) cannot write it")
+    shards = {id(s): s for p in params if (s := getattr(p, SHARD_ATTR, None)) is not None and not s.gathered}
     ds_params = [p for p in params if hasattr(p, "ds_id")]
     if ds_params:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus

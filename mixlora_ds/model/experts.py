@@ -134,14 +134,15 @@ def activate(pre: list[torch.Tensor], gated: bool, act) -> torch.Tensor:
 
 def ffn_loop(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Reference path: every expert runs the whole FFN (frozen weights + its LoRAs) on its tokens."""
-    out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+    acc = torch.promote_types(x_TD.dtype, torch.float32)  # fp32 sums for 16-bit inputs, float64 kept
+    out_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
     for e in range(routing.num_experts):
         token_N, slot_N = torch.nonzero(routing.expert_TK == e, as_tuple=True)
         x_ND = x_TD[token_N]
         pre = [_apply(ffn.projection(n), stacks, n, e, x_ND) for n in ffn.input_names]
         h_NI = ffn.activate(pre)
         y_ND = _apply(ffn.projection(ffn.output_name), stacks, ffn.output_name, e, h_NI)
-        out_TD.index_add_(0, token_N, y_ND.float() * routing.weight_TK[token_N, slot_N].unsqueeze(-1))
+        out_TD.index_add_(0, token_N, y_ND.to(acc) * routing.weight_TK[token_N, slot_N].unsqueeze(-1).to(acc))
     return out_TD.to(x_TD.dtype)
 
 

@@ -33,13 +33,15 @@ class FlatShard:
     GPUs). With one rank the shard is the whole buffer and all three are no-ops.
     """
 
-    def __init__(self, name: str, params: Sequence[nn.Parameter], group: tdist.ProcessGroup | None = None):
-        """Copy this rank's slice of ``params`` (one dtype, one device), whose ``.data`` must hold their
-        full values now (``frozen_base.shard_frozen_base`` gathers ZeRO-3-partitioned ones first);
-        ``take_over`` then makes the parameters views of the flat buffer."""
+    def __init__(self, name: str, params: Sequence[nn.Parameter], group: tdist.ProcessGroup | None = None,
+                 dtype: torch.dtype | None = None):
+        """Copy this rank's slice of ``params`` (one device), whose ``.data`` must hold their full values
+        now (``frozen_base.shard_frozen_base`` gathers ZeRO-3-partitioned ones first), in ``dtype``
+        (default: theirs, which must then be one); ``take_over`` then makes the parameters views of
+        the flat buffer."""
         if not params:
             raise ValueError(f"{name}: a flat shard needs at least one parameter")
-        kinds = {(p.dtype, p.device) for p in params}
+        kinds = {p.device for p in params} if dtype is not None else {(p.dtype, p.device) for p in params}
         if len(kinds) != 1:
             raise ValueError(f"{name}: one dtype and device per flat shard, got {sorted(map(str, kinds))}")
         self.name = name
@@ -47,33 +49,38 @@ class FlatShard:
         self.group = group
         self.world = tdist.get_world_size(group) if tdist.is_initialized() else 1
         self.rank = tdist.get_rank(group) if tdist.is_initialized() else 0
+        self.dtype = dtype or self.params[0].dtype
+        self.device = self.params[0].device
         self.shapes = [p.shape for p in self.params]  # now, while the values are whole
         self.numel = sum(p.numel() for p in self.params)
-        dtype, device = self.params[0].dtype, self.params[0].device
-        align = max(1, ALIGN_BYTES // self.params[0].element_size())
+        align = max(1, ALIGN_BYTES // torch.empty((), dtype=self.dtype).element_size())
         self.offsets, end = [], 0
         for shape in self.shapes:
             self.offsets.append(end)
             end = math.ceil((end + shape.numel()) / align) * align
         self.shard_numel = math.ceil(end / self.world / align) * align
-        self.shard_S = torch.zeros(self.shard_numel, dtype=dtype, device=device)
+        self.shard_S = torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device)
         lo, hi = self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
         for p, offset in zip(self.params, self.offsets):
             a, b = max(lo, offset), min(hi, offset + p.numel())
             if a < b:  # the part of this parameter that falls in our slice
                 self.shard_S[a - lo:b - lo].copy_(p.data.reshape(-1)[a - offset:b - offset])
-        self.full_F = self.shard_S if self.world == 1 else torch.empty(
-            self.shard_numel * self.world, dtype=dtype, device=device)
-        self._full_bytes = self.full_F.untyped_storage().nbytes()
+        self.full_F: torch.Tensor | None = None
         self._work = None
-        self.gathered = True
+        self.gathered = False
 
     def take_over(self) -> None:
-        """Point every parameter at its view of the full buffer and free the buffer. Separate from
-        construction so a caller can first let the previous owner of the values (ZeRO-3) let go."""
+        """Point every parameter at its view of the full buffer, which is then freed. Separate from
+        construction so that the previous owner of the values (ZeRO-3) can let go of them first."""
+        if self.world == 1:
+            self.full_F = self.shard_S
+        else:  # allocated to be laid out, freed at once: its memory comes back with each gather
+            self.full_F = torch.empty(self.shard_numel * self.world, dtype=self.dtype, device=self.device)
+        self._full_bytes = self.full_F.untyped_storage().nbytes()
         for p, shape, offset in zip(self.params, self.shapes, self.offsets):
             p.data = self.full_F[offset:offset + shape.numel()].view(shape)
             setattr(p, SHARD_ATTR, self)
+        self.gathered = True
         self.reshard()
 
     # --------------------------------------------------------------------------------- state
@@ -82,7 +89,7 @@ class FlatShard:
         if self.gathered or self._work is not None:
             return
         self.full_F.untyped_storage().resize_(self._full_bytes)
-        self._work = tdist.all_gather_into_tensor(self.full_F, self.shard_S, group=self.group, async_op=True)
+        self._work = _all_gather(self.full_F, self.shard_S, group=self.group, async_op=True)
 
     def wait(self) -> None:
         """The full weights are usable (on the current stream) once this returns."""
@@ -104,5 +111,14 @@ class FlatShard:
 
     @property
     def held_numel(self) -> int:
-        """Elements of this unit this rank keeps between uses."""
-        return self.shard_numel if self.world > 1 else self.numel
+        """Elements of this unit this rank keeps between uses (its slice, padding included)."""
+        return self.shard_numel
+
+    @property
+    def live_bytes(self) -> int:
+        """Bytes the full buffer takes right now (0 while freed; with one rank, always the whole)."""
+        return self.full_F.untyped_storage().nbytes() if self.full_F is not None else 0
+
+
+# all_gather_into_tensor's new name since torch 2.13; the same call.
+_all_gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor

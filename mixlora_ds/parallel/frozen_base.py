@@ -11,26 +11,28 @@ from hooks on every module, which keeps the layers eager: on 7B MixLoRA, 2 / 4 H
 The trainable adapter is untouched: DeepSpeed's ZeRO-1/2 handles it.
 
 Units: one per decoder layer (every frozen parameter inside it, wherever nested), plus the "outer"
-unit of the frozen parameters outside the layers (embeddings, final norm, LM head), which is
-gathered at the model's first use in a forward and freed once backward is done.
+unit of the frozen parameters outside the layers (embeddings, final norm, LM head), gathered when the
+model's forward starts and kept until backward is done.
 
 Order of events, L layers, one training micro-batch::
 
     forward:   outer gathered; layer i: wait for i, start i+1, compute, free i (but L-1, which
                backward needs first)
-    backward:  layer i: wait for i, start i-1, compute gradients, free i
+    backward:  outer gathered (again, if an evaluation forward freed it meanwhile);
+               layer i: wait for i, start i-1, compute gradients, free i
                end of backward: free everything still gathered (outer unit included)
 
 Without autograd (evaluation) every layer is freed after its forward, and everything at the end.
 
 Every rank must run the same layers in the same order (true of data parallelism): gathers are
-collectives. Activation checkpointing re-runs a layer's forward inside its backward; the hooks see
-that the layer is already gathered and leave it be.
+collectives. Activation checkpointing re-runs a layer's forward inside its backward; while a
+backward runs, the forward hooks only make sure the layer is gathered, and free nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from typing import Any, Iterator, Sequence
 
@@ -42,7 +44,7 @@ from mixlora_ds.parallel.flat_shard import FlatShard
 
 
 class Unit:
-    """The flat shards (one per dtype) of one decoder layer or of the outer parameters."""
+    """The flat shards (one per dtype and device) of one decoder layer or of the outer parameters."""
 
     def __init__(self, name: str, shards: list[FlatShard]):
         self.name = name
@@ -71,7 +73,6 @@ class ShardedFrozenBase:
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], layer_units: list[Unit],
                  outer: Unit | None, outer_modules: list[nn.Module]):
-        self.model = model
         self.layers = list(layers)
         self.units = layer_units
         self.outer = outer
@@ -99,9 +100,13 @@ class ShardedFrozenBase:
         if self.outer is not None:
             self.outer.gather_now()
 
-    def _model_post_forward(self, module, args, output) -> None:
+    def _model_post_forward(self, module, args, output):
         if not torch.is_grad_enabled():
             self.reshard_all()
+            return None
+        # The LM head and final norm need the outer unit in backward: gather it when backward starts
+        # (a no-op when nothing freed it since this forward).
+        return _map_tensors(output, lambda t: _CallInBackward.apply(t, self._before_outer_backward))
 
     def _layer_pre_forward(self, i: int):
         def hook(module, args, kwargs):
@@ -114,8 +119,8 @@ class ShardedFrozenBase:
             if not torch.is_grad_enabled():
                 return None
             # Free this layer once its backward has produced the gradient of its input.
-            args, kwargs = _map_tensors((args, kwargs), lambda t: _ReshardAfterBackward.apply(t, self, i))
-            return args, kwargs
+            after = functools.partial(self._after_layer_backward, i)
+            return _map_tensors((args, kwargs), lambda t: _CallInBackward.apply(t, after))
         return hook
 
     def _layer_post_forward(self, i: int):
@@ -128,15 +133,24 @@ class ShardedFrozenBase:
             if i + 1 < len(self.units):  # the last layer is the first one backward needs: keep it
                 self.units[i].reshard()
             # Gather this layer again when backward reaches its output.
-            return _map_tensors(output, lambda t: _GatherBeforeBackward.apply(t, self, i))
+            before = functools.partial(self._before_layer_backward, i)
+            return _map_tensors(output, lambda t: _CallInBackward.apply(t, before))
         return hook
 
     # ------------------------------------------------------------------------- backward steps
-    def _before_layer_backward(self, i: int) -> None:
+    def _enter_backward(self) -> None:
         if not self.in_backward:
             self.in_backward = True
             # Runs once this backward pass is over, whatever path it took.
             torch.autograd.Variable._execution_engine.queue_callback(self._after_backward)
+
+    def _before_outer_backward(self) -> None:
+        self._enter_backward()
+        if self.outer is not None:
+            self.outer.gather_now()
+
+    def _before_layer_backward(self, i: int) -> None:
+        self._enter_backward()
         self.units[i].gather_now()
         if i > 0 and self.prefetch:
             self.units[i - 1].unshard()
@@ -170,46 +184,34 @@ class ShardedFrozenBase:
         self._handles.clear()
 
 
-class _GatherBeforeBackward(torch.autograd.Function):
-    """Identity on a layer's output; its backward gathers the layer (and starts the one before)."""
+class _CallInBackward(torch.autograd.Function):
+    """Identity on a tensor; its backward first calls ``fn()``. On a layer's output it runs when
+    backward reaches the layer; on a layer's input, once the input's gradient is complete, i.e. once
+    the layer's backward no longer needs the frozen weights."""
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor, owner: ShardedFrozenBase, i: int) -> torch.Tensor:
-        ctx.owner, ctx.i = owner, i
+    def forward(ctx, t: torch.Tensor, fn) -> torch.Tensor:
+        ctx.fn = fn
         return t.view_as(t)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.owner._before_layer_backward(ctx.i)
-        return grad, None, None
-
-
-class _ReshardAfterBackward(torch.autograd.Function):
-    """Identity on a layer's input; its backward runs once the input's gradient is complete, i.e.
-    once the layer's backward no longer needs the frozen weights."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, owner: ShardedFrozenBase, i: int) -> torch.Tensor:
-        ctx.owner, ctx.i = owner, i
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.owner._after_layer_backward(ctx.i)
-        return grad, None, None
+        ctx.fn()
+        return grad, None
 
 
 def _map_tensors(obj: Any, fn) -> Any:
-    """``fn`` applied to every floating-point tensor that requires grad in nested tuples/lists/dicts
-    (a layer's inputs and outputs); everything else is returned as it is."""
+    """``fn`` applied to every floating-point tensor that requires grad in nested tuples, lists and
+    mappings (a layer's inputs and outputs, a model's output object); everything else is returned as
+    it is, containers rebuilt as their own type."""
     if isinstance(obj, torch.Tensor):
         return fn(obj) if obj.requires_grad and obj.is_floating_point() else obj
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuples
         return type(obj)(*(_map_tensors(v, fn) for v in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(_map_tensors(v, fn) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, dict):  # Transformers' ModelOutput is a dict built from keyword fields
+        return type(obj)(**{k: _map_tensors(v, fn) for k, v in obj.items()})
     return obj
 
 
@@ -224,15 +226,16 @@ def frozen_params(module: nn.Module, exclude: set[int] = frozenset()) -> list[nn
     return out
 
 
-def _shard_unit(name: str, params: list[nn.Parameter], group) -> Unit:
+def _shard_unit(name: str, params: list[nn.Parameter], group, dtype: torch.dtype | None) -> Unit:
     """Copy our slices of ``params`` (gathering ZeRO-3-partitioned ones), then own the parameters."""
     from mixlora_ds.zero import gathered
 
     by_kind: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = defaultdict(list)
     for p in params:
-        by_kind[(p.dtype, p.device)].append(p)
+        by_kind[(dtype or p.dtype, p.device)].append(p)
     with gathered(params):
-        shards = [FlatShard(f"{name}[{dtype}]", ps, group) for (dtype, _), ps in by_kind.items()]
+        shards = [FlatShard(f"{name}[{kind_dtype}]", ps, group, kind_dtype)
+                  for (kind_dtype, _), ps in by_kind.items()]
     for p in params:
         _forget_zero3(p)
     for s in shards:
@@ -250,19 +253,24 @@ def _forget_zero3(p: nn.Parameter) -> None:
         delattr(p, key)
 
 
-def shard_frozen_base(model: nn.Module, layers: Sequence[nn.Module],
-                      group: tdist.ProcessGroup | None = None) -> ShardedFrozenBase:
+def shard_frozen_base(model: nn.Module, layers: Sequence[nn.Module], group: tdist.ProcessGroup | None = None,
+                      dtype: torch.dtype | None = None) -> ShardedFrozenBase:
     """Shard every frozen parameter of ``model`` per decoder layer across ``group`` and install the
     hooks that gather them. Collective. The parameters may be whole (any model) or partitioned by
     ``deepspeed.zero.Init`` (one layer at a time is gathered to re-shard it, so no rank ever holds
-    the whole model); trainable parameters are left alone."""
+    the whole model); trainable parameters are left alone. ``dtype``: cast the frozen weights to it
+    (what a bf16 DeepSpeed engine would do to any other dtype); None keeps each one's own."""
     layer_units, inside = [], set()
     for i, layer in enumerate(layers):
         params = frozen_params(layer)
+        shared = [p for p in params if id(p) in inside]
+        if shared:
+            raise ValueError(f"decoder layer {i} shares a frozen parameter of shape {tuple(shared[0].shape)} "
+                             f"with an earlier layer; sharding per layer needs each layer to own its weights")
         inside.update(id(p) for p in params)
-        layer_units.append(_shard_unit(f"layer {i}", params, group) if params else Unit(f"layer {i}", []))
+        layer_units.append(_shard_unit(f"layer {i}", params, group, dtype) if params else Unit(f"layer {i}", []))
     outer_params = frozen_params(model, exclude=inside)
-    outer = _shard_unit("outer", outer_params, group) if outer_params else None
+    outer = _shard_unit("outer", outer_params, group, dtype) if outer_params else None
     owned = {id(p) for p in outer_params}
     outer_modules = [m for m in model.modules()
                      if any(id(p) in owned for p in m.parameters(recurse=False))]
@@ -271,11 +279,12 @@ def shard_frozen_base(model: nn.Module, layers: Sequence[nn.Module],
 
 @contextlib.contextmanager
 def hidden_from_engine_broadcast(sharded: ShardedFrozenBase | None) -> Iterator[None]:
-    """DeepSpeed's engine start-up leaves the sharded weights alone inside this block.
+    """Inside this block DeepSpeed's engine start-up does not broadcast the sharded weights.
 
     A stage 0-2 engine assumes a replicated model and broadcasts every parameter from rank 0 when it
     starts; it skips parameters whose ``ds_status`` says they are not available, which is what a
-    freed shard is. The flag is removed again afterwards.
+    freed shard is. The flag is removed again afterwards. (The engine also casts parameters of
+    another dtype than its own; ``shard_frozen_base(dtype=...)`` leaves none.)
     """
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 

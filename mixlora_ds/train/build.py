@@ -126,7 +126,7 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
     from mixlora_ds import inject_mixlora
     from mixlora_ds.train.ds_config import shards_base_itself
 
-    shard_base = stage == 3 and shards_base_itself(cfg, ds_config)
+    shard_base = shards_base_itself(cfg, ds_config)
     deepspeed_stage3 = stage == 3 and not shard_base
     hf_config = hf_config_for(cfg)
     adapter_config = adapter_config_for(cfg)
@@ -187,7 +187,7 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
         enable_checkpointing(model)
     sharded = None
     if shard_base:
-        sharded = shard_frozen_base_of(model)
+        sharded = shard_frozen_base_of(model, dtype, cfg.deepspeed.timeout_minutes)
         hf_ds = None  # construction is over: later from_config calls must not enter zero.Init
     if cfg.model.compile:
         from mixlora_ds.model.inject import decoder_layers
@@ -199,18 +199,15 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
     return BuiltModel(model, adapter_config, trainable, hf_ds, sharded)
 
 
-def shard_frozen_base_of(model: nn.Module):
-    """Re-shard the (zero.Init-partitioned) frozen base per decoder layer over all ranks; gathers run
-    on a process group of their own, so they never queue behind DeepSpeed's gradient reductions."""
-    import torch.distributed as tdist
-
+def shard_frozen_base_of(model: nn.Module, dtype: torch.dtype, timeout_minutes: float | None):
+    """Re-shard the (zero.Init-partitioned) frozen base per decoder layer over all ranks, in the run's
+    dtype; gathers run on a process group of their own (with the run's collective timeout), so they
+    never queue behind DeepSpeed's gradient reductions."""
+    from mixlora_ds import dist
     from mixlora_ds.model.inject import decoder_layers
     from mixlora_ds.parallel.frozen_base import shard_frozen_base
 
-    group = None
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
-        group = tdist.new_group(list(range(tdist.get_world_size())))
-    return shard_frozen_base(model, decoder_layers(model), group)
+    return shard_frozen_base(model, decoder_layers(model), dist.new_group(timeout_minutes), dtype)
 
 
 def start_engine(built: BuiltModel, engine_config: dict[str, Any], lr_scheduler=None):

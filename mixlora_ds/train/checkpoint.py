@@ -177,25 +177,17 @@ class CheckpointManager:
             if not is_complete(c.path) and c.step < newest:
                 shutil.rmtree(c.path, ignore_errors=True)
 
-    def load(self, engine: Any, info: CheckpointInfo, layout: dict[str, Any] | None = None) -> dict[str, Any]:
+    def load(self, engine: Any, info: CheckpointInfo, engine_stage: int | None = None) -> dict[str, Any]:
         """Collective. Restores engine state and this rank's RNG; returns this rank's saved state.
-        ``layout`` (what ``save`` was given as ``extra_meta["layout"]``) must match the saved one."""
+        ``engine_stage``: the ZeRO stage this run's DeepSpeed engine runs (checked against the saved one)."""
         saved_world = info.meta.get("world_size")
         if saved_world is not None and saved_world != dist.world_size():
             raise CheckpointError(
                 f"{info.path}: saved with {saved_world} ranks, resuming with {dist.world_size()}; ZeRO "
                 f"partitions and reader positions are per rank, so resume with the same world size"
             )
-        saved_layout = info.meta.get("layout")
-        if saved_layout is not None and layout is not None and saved_layout != layout:
-            def said(d: dict[str, Any]) -> str:
-                return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
-
-            raise CheckpointError(
-                f"{info.path}: saved with {said(saved_layout)}, resuming with {said(layout)}; DeepSpeed's "
-                f"checkpoint files differ between these, so resume with the settings it was saved with "
-                f"(the DeepSpeed config's stage and deepspeed.zero3_impl)"
-            )
+        if engine_stage is not None:
+            check_engine_stage(info, engine_stage)
         load_path, _ = engine.load_checkpoint(
             info.root, tag=info.tag, load_module_strict=False, load_optimizer_states=True,
             load_lr_scheduler_states=True,
@@ -206,6 +198,32 @@ class CheckpointManager:
         state = torch.load(rank_file, map_location="cpu", weights_only=False)
         set_rng_state(state["rng"])
         return state
+
+
+def saved_engine_stage(info: CheckpointInfo) -> int | None:
+    """The ZeRO stage of the DeepSpeed engine that wrote a checkpoint: recorded in its marker, or for
+    checkpoints from before that record (always DeepSpeed's own engine), its ds_config.json's stage."""
+    if "engine_stage" in info.meta:
+        return int(info.meta["engine_stage"])
+    path = os.path.join(info.path, "ds_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return int(json.load(f).get("zero_optimization", {}).get("stage", 0))
+
+
+def check_engine_stage(info: CheckpointInfo, engine_stage: int) -> None:
+    """DeepSpeed lays out its checkpoint files by the engine's ZeRO stage: refuse to resume across a
+    change. ZeRO-3 with the base sharded by mixlora_ds runs a stage-2 engine, so it resumes ZeRO-2
+    checkpoints and the other way round (the frozen base is never in them)."""
+    saved = saved_engine_stage(info)
+    if saved is not None and saved != engine_stage:
+        raise CheckpointError(
+            f"{info.path}: written by a DeepSpeed engine at ZeRO stage {saved}, this run's engine is at stage "
+            f"{engine_stage}; their checkpoint files differ, so resume with the settings it was saved with "
+            f"(the DeepSpeed config's stage, and deepspeed.zero3_impl, which under ZeRO-3 decides whether "
+            f"DeepSpeed's engine runs stage 3 or stage 2)"
+        )
 
 
 def _torch_bytes(obj: Any) -> bytes:

@@ -211,18 +211,25 @@ def engine_ds_config(cfg: TrainConfig, ds: dict[str, Any]) -> dict[str, Any]:
 
     That is ``ds`` itself, except under ZeRO-3 with ``deepspeed.zero3_impl: mixlora_ds``: the frozen
     base is then sharded by ``mixlora_ds.parallel`` and the engine runs stage 2 for the trainable
-    adapter, so the stage-3-only keys are dropped. Stage-3 features that sharding does not provide
-    are refused rather than silently ignored.
+    adapter, so the stage-3-only keys are dropped: they tune how DeepSpeed's engine gathers, which
+    it no longer does. Stage-3 features that this sharding or a stage-2 engine does not provide
+    (parameter offload, NVMe or partial optimizer offload, quantized weights or gradients,
+    hierarchical or MiCS partitioning) are refused rather than silently dropped.
     """
     if not shards_base_itself(cfg, ds):
         return ds
     where = find_ds_config_path(cfg)
     zero = ds["zero_optimization"]
+    offload_param = zero.get("offload_param") if isinstance(zero.get("offload_param"), dict) else {}
+    offload_optimizer = zero.get("offload_optimizer") if isinstance(zero.get("offload_optimizer"), dict) else {}
     unsupported = {
-        "offload_param": isinstance(zero.get("offload_param"), dict)
-        and zero["offload_param"].get("device", "none") != "none",
+        "offload_param": offload_param.get("device", "none") != "none",
+        "cpu_offload_param": bool(zero.get("cpu_offload_param")),
+        "offload_optimizer.device nvme": offload_optimizer.get("device") == "nvme",
+        "offload_optimizer.ratio": float(offload_optimizer.get("ratio", 1.0)) != 1.0,
         "zero_quantized_weights": bool(zero.get("zero_quantized_weights")),
         "zero_quantized_nontrainable_weights": bool(zero.get("zero_quantized_nontrainable_weights")),
+        "zero_quantized_gradients": bool(zero.get("zero_quantized_gradients")),
         "zero_hpz_partition_size": int(zero.get("zero_hpz_partition_size", 1)) > 1,
         "mics_shard_size": int(zero.get("mics_shard_size", -1)) > 0,
     }

@@ -101,13 +101,12 @@ class Trainer:
         self.compute_dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
 
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
-        # What decides the layout of DeepSpeed's checkpoint files: resume only into the same.
-        self.layout = {"zero_stage": plan.stage, "deepspeed_engine_stage": zero_stage(plan.engine_ds_config)}
+        self.engine_stage = zero_stage(plan.engine_ds_config)  # decides the checkpoint's file layout
         self.run_config_yaml = dump_config(cfg)
         self.step = 0
         info = find_resume(self.resume_spec, cfg.checkpoint_dir)
         if info is not None:
-            state = self.ckpt.load(self.engine, info, self.layout)
+            state = self.ckpt.load(self.engine, info, self.engine_stage)
             self.step = state["step"]
             self.train_stream.load_state_dict(state["data"])
             log.info("resumed from %s at step %d", info.path, self.step)
@@ -124,7 +123,7 @@ class Trainer:
             atomic_write_text(os.path.join(cfg.output_dir, "ds_config.json"), json.dumps(plan.ds_config, indent=2) + "\n")
             log.info("resolved run config:\n%s", self.run_config_yaml)
             log.info("resolved DeepSpeed config: %s", json.dumps(plan.ds_config, sort_keys=True))
-            if plan.engine_ds_config is not plan.ds_config:
+            if plan.shards_base:
                 atomic_write_text(os.path.join(cfg.output_dir, "ds_engine_config.json"),
                                   json.dumps(plan.engine_ds_config, indent=2) + "\n")
                 log.info("DeepSpeed engine config: %s", json.dumps(plan.engine_ds_config, sort_keys=True))
@@ -326,7 +325,7 @@ class Trainer:
         t = time.time()
         data_state = data_state if data_state is not None else self.train_stream.state_dict()
         path = self.ckpt.save(self.engine, self.step, {"data": data_state},
-                              self.run_config_yaml, self.plan.ds_config, {"reason": reason, "layout": self.layout})
+                              self.run_config_yaml, self.plan.ds_config, {"reason": reason, "engine_stage": self.engine_stage})
         log.info("checkpoint %s (%s) in %.1fs", path, reason, time.time() - t)
 
     def export(self) -> None:

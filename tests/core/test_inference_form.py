@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from mixlora_ds import MixLoraConfig, inject_mixlora, save_mixlora_adapter
+from mixlora_ds.model.experts import _COMPILED
+from mixlora_ds.model.fused_ffn import fused_ffn_math
 from mixlora_ds.model.lora import LoraLinear
 from mixlora_ds.model.merge import prepare_for_inference
-from mixlora_ds.model.moe import moe_blocks
+from mixlora_ds.model.moe import moe_blocks, set_compute_path
 
 from .tiny_models import FAMILIES, VOCAB, randomize_adapter, targets_for, tiny_model
 
@@ -74,19 +76,70 @@ def _shares_fused_storage(block) -> bool:
                for n in block.ffn.input_names + (block.ffn.output_name,))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi"])
-def test_fused_form_matches_with_top_p_routing_and_biases(model_type):
-    """Top-p weights (padded slots with weight 0) and phi's biased fc1/fc2 through the fused form."""
-    model = tiny_model(model_type).double()
-    inject_mixlora(model, MixLoraConfig(target_modules=targets_for(model_type), peft_type="MIXLORA", r=4, lora_alpha=8,
-                                        num_experts=4, routing_strategy="mixlora-dynamic", top_p=0.6), torch.float64)
+ROUTINGS = {
+    "top-k": dict(top_k=2),
+    "top-p": dict(routing_strategy="mixlora-dynamic", top_p=0.6),
+    "top-p-unnormalised": dict(routing_strategy="mixlora-dynamic", top_p=0.6, renormalize_top_p=False),
+    "switch": dict(routing_strategy="mixlora-switch"),
+}
+
+
+def _mixlora(model_type: str, dtype=torch.float64, **config):
+    model = tiny_model(model_type).to(dtype)
+    settings = dict(peft_type="MIXLORA", r=4, lora_alpha=8, num_experts=4, lora_dropout=0.1)
+    inject_mixlora(model, MixLoraConfig(target_modules=targets_for(model_type), **settings | config), dtype)
     randomize_adapter(model)
-    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    return model.eval()
+
+
+def _logits(model, seed: int = 2):
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        expected = model.eval()(input_ids=ids).logits
-        got = prepare_for_inference(model)(input_ids=ids).logits
-    assert all(b.fused_ffn is not None for b in moe_blocks(model))
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("routing", sorted(ROUTINGS))
+def test_fused_form_equals_the_per_expert_loop(model_type, routing):
+    """Against the plain per-expert loop (the readable reference), float64: top-k, top-p (padded
+    slots of weight 0, with and without renormalising) and switch routing, every family (phi's
+    biased fc1/fc2 included)."""
+    model = _mixlora(model_type, **ROUTINGS[routing])
+    reference = copy.deepcopy(model)
+    set_compute_path(reference, "loop")
+    expected = _logits(reference)
+    prepared = prepare_for_inference(model)
+    assert all(b.fused_ffn is not None for b in moe_blocks(prepared))
+    torch.testing.assert_close(_logits(prepared), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_form_is_skipped_where_it_does_not_apply():
+    """DoRA experts rescale each expert's output, which the shared down projection cannot fold:
+    those blocks keep the loop path. Activations of another dtype than the prepared one take the
+    unfused path. Both give the unprepared logits."""
+    dora = _mixlora("llama", expert_lora={"use_dora": True})
+    expected = _logits(dora)
+    prepare_for_inference(dora)
+    assert all(b.fused_ffn is None and b.compute_path == "loop" for b in moe_blocks(dora))
+    torch.testing.assert_close(_logits(dora), expected, rtol=1e-10, atol=1e-10)
+
+    model = _mixlora("llama")
+    expected = _logits(model)
+    prepare_for_inference(model, torch.float32)  # weights stay float64: nothing can be shared
+    assert all(b.fused_ffn is None for b in moe_blocks(model))
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_compiled_fused_form_matches_the_eager_one():
+    """What GPUs run by default (``compiled=None`` means on CUDA): the fused math through
+    torch.compile, here forced on for the CPU, against the same form run eagerly."""
+    model = prepare_for_inference(_mixlora("llama", dtype=torch.float32, **ROUTINGS["top-p"]))
+    expected = _logits(model)
+    for block in moe_blocks(model):
+        block.compiled = True
+    torch.testing.assert_close(_logits(model), expected, rtol=1e-5, atol=1e-5)
+    # It really ran compiled: a failed compile would have fallen back to eager (and warned).
+    assert _COMPILED.get(fused_ffn_math) not in (None, False)
 
 
 def test_training_mode_undoes_the_fused_form():

@@ -1,4 +1,4 @@
-"""Tiny random-initialised models of every supported family (hidden 64, 2 layers, fp32)."""
+"""Tiny random-initialised models of every supported family (hidden 64, 2 layers unless told, fp32)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ _EXTRA = {
 }
 
 
-def tiny_config(model_type: str):
-    return AutoConfig.for_model(model_type, **_COMMON, **_EXTRA[model_type])
+def tiny_config(model_type: str, **overrides):
+    return AutoConfig.for_model(model_type, **_COMMON | _EXTRA[model_type] | overrides)
 
 
-def tiny_model(model_type: str, seed: int = 0, state_dict=None):
+def tiny_model(model_type: str, seed: int = 0, state_dict=None, **overrides):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation="eager")
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model.eval()

@@ -34,16 +34,23 @@ def test_every_builtin_task_evaluates(mixlora_model, tokenizer, data_dir):
         assert res.expert_load is not None and res.expert_load["layers"] == 2
 
 
-def test_deterministic_with_dropout_configured(mixlora_model, tokenizer, arc):
-    """The adapter was saved with lora_dropout 0.3: evaluation must run with dropout off."""
-    assert mixlora_model.mixlora_config.lora_dropout == 0.3
-    mixlora_model.train()  # evaluate_task must switch to eval itself, and restore the mode after
-    a = evaluate_task(mixlora_model, tokenizer, arc, _opts(batch_size=4))
-    assert mixlora_model.training
-    mixlora_model.eval()
-    b = evaluate_task(mixlora_model, tokenizer, arc, _opts(batch_size=4))
+def test_deterministic_with_dropout_configured(base_dir, mixlora_dir, mixlora_model, tokenizer, arc):
+    """The adapter was saved with lora_dropout 0.3: evaluation must run with dropout off. The model
+    is loaded unmerged, so every LoRA keeps its dropout (and the shared prepared model is left alone)."""
+    from mixlora_ds.inference import load_for_inference
+
+    model, _ = load_for_inference(base_dir, adapter=mixlora_dir, dtype="float32", device="cpu", merge_lora=False)
+    assert model.mixlora_config.lora_dropout == 0.3
+    model.train()  # evaluate_task must switch to eval itself, and restore the mode after
+    a = evaluate_task(model, tokenizer, arc, _opts(batch_size=4))
+    assert model.training
+    model.eval()
+    b = evaluate_task(model, tokenizer, arc, _opts(batch_size=4))
     assert a.predictions == b.predictions and a.correct == b.correct
     assert a.expert_load == b.expert_load
+    # The merged and fused model (rounded differently, in fp32) predicts and routes the same.
+    c = evaluate_task(mixlora_model, tokenizer, arc, _opts(batch_size=4))
+    assert c.predictions == a.predictions and c.expert_load["counts"] == a.expert_load["counts"]
 
 
 def test_batched_equals_one_by_one_and_padding_side_irrelevant(mixlora_model, tokenizer, arc):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mixlora_ds.adapter_io import AdapterError
 from mixlora_ds.eval.scoring import encode_prompt, last_token_logits, pad_batch
@@ -19,6 +21,8 @@ from mixlora_ds.inference import (
 )
 
 from .conftest import TINY, make_adapter, randomize_adapter, tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _same_weights(a, b) -> bool:
@@ -36,6 +40,10 @@ def test_model_from_config_is_seeded(tokenizer, tmp_path):
     assert _same_weights(build_model_from_config(path, seed=5), build_model_from_config(cfg, seed=5))
     preset = build_model_from_config("tiny", seed=1)
     assert preset.config.hidden_size == MODEL_PRESETS["tiny"]["hidden_size"]
+    # The tiny preset is the embedded default's model: a run YAML naming it gives the same weights.
+    run_yaml = REPO / "configs" / "tiny.yaml"
+    assert _same_weights(preset, build_model_from_config(run_yaml, seed=1))
+    assert yaml.safe_load(run_yaml.read_text())["model"]["config"] == MODEL_PRESETS["tiny"]
     # bf16 weights are the fp32 draw rounded, so the same seed gives the same base in any dtype.
     bf16 = build_model_from_config(cfg, seed=5, dtype=torch.bfloat16)
     fp32 = build_model_from_config(cfg, seed=5)

@@ -1,12 +1,14 @@
 """Run under torchrun (gloo, 2 ranks) by test_frozen_base.py; writes OUT_DIR/rank<r>.json.
 ``--device cuda`` runs the same checks on one GPU per rank with NCCL (asynchronous gathers for real).
 
-For tiny models of every family with MixLoRA (random adapter values) and for a LoRA baseline, each
-rank compares the model with its frozen base sharded (``shard_frozen_base``) against the same model
-unsharded, on this rank's own input: logits, the loss, and the gradient of every trainable tensor,
-in training mode with and without activation checkpointing, with a compiled layer forward, and in
-an evaluation forward. It also records how much of the base each rank holds, how many layers are
-gathered at once, and that nothing stays gathered after a step.
+For tiny models (4 decoder layers) of every family with MixLoRA (random adapter values), LoRA and
+DoRA baselines, each rank compares the model with its frozen base sharded (``shard_frozen_base``)
+against the same model unsharded, on this rank's own input: logits, the loss, and the gradient of
+every trainable tensor, in training mode with and without activation checkpointing, with a
+compiled layer forward, without prefetching, and in an evaluation forward; and in the orders of
+calls a caller may use besides forward-then-backward. It also records how much of the base each
+rank holds, how many layers hold memory at once in forward and in backward, and that nothing holds
+memory after a step.
 """
 
 from __future__ import annotations
@@ -29,28 +31,36 @@ from mixlora_ds.train.build import enable_checkpointing  # noqa: E402
 from mixlora_ds.zero import gathered  # noqa: E402
 from tests.core.tiny_models import FAMILIES, VOCAB, randomize_adapter, targets_for, tiny_model  # noqa: E402
 
-
 DEVICE = torch.device("cpu")
+LAYERS = 4
 
 
-def adapted(family: str, peft_type: str = "MIXLORA"):
-    model = tiny_model(family, seed=3)
-    extra = dict(num_experts=4, top_k=2) if peft_type == "MIXLORA" else {}
+def adapted(family: str, peft_type: str = "MIXLORA", **adapter):
+    model = tiny_model(family, seed=3, num_hidden_layers=LAYERS, use_cache=False)
+    if peft_type == "MIXLORA":
+        adapter = dict(num_experts=4, top_k=2) | adapter
     inject_mixlora(model, MixLoraConfig(peft_type=peft_type, r=4, lora_alpha=8, lora_dropout=0.0,
-                                        target_modules=targets_for(family), **extra))
+                                        target_modules=targets_for(family), **adapter))
     randomize_adapter(model, std=0.1, seed=5)
     model.enable_input_require_grads()
     return model.to(DEVICE).train()
 
 
+def loss_of(model, ids):
+    logits = model(input_ids=ids).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)), logits
+
+
+def grads_of(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def step(model, ids):
     """Logits and loss of one forward, and the gradient of every trainable tensor."""
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=ids).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    loss, logits = loss_of(model, ids)
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return logits.detach(), float(loss), grads
+    return logits.detach(), float(loss.detach()), grads_of(model)
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -58,27 +68,44 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def live(units) -> int:
+    """Units whose full weights take memory now (gathered, or being gathered)."""
+    return sum(any(s.live_bytes > 0 for s in u.shards) for u in units)
+
+
 class GatherWatch:
-    """The largest number of layer units whose full weights take memory at once (gathered, or
-    being gathered), seen at every layer's entry."""
+    """The largest number of layer units holding memory at once: at every layer's forward entry, and
+    after every step of backward (gathering a layer, freeing one)."""
 
     def __init__(self, sharded):
-        self.sharded, self.peak = sharded, 0
+        self.sharded, self.forward, self.backward = sharded, 0, 0
         for layer in sharded.layers:
-            layer.register_forward_pre_hook(self.look)
+            layer.register_forward_pre_hook(self.look_forward)
+        for name in ("_before_layer_backward", "_after_layer_backward"):
+            original = getattr(sharded, name)
 
-    def look(self, module, args):
-        live = sum(any(s.full_F.untyped_storage().nbytes() > 0 for s in u.shards) for u in self.sharded.units)
-        self.peak = max(self.peak, live)
+            def watched(i, original=original):
+                original(i)
+                self.backward = max(self.backward, live(self.sharded.units))
+            setattr(sharded, name, watched)
+
+    def look_forward(self, module, args):
+        self.forward = max(self.forward, live(self.sharded.units))
 
 
-def compare(family: str, peft_type: str, rank: int, checkpointing: bool = False, compiled: bool = False) -> dict:
-    reference = adapted(family, peft_type)
+def holding(sharded) -> list[str]:
+    return [s.name for s in sharded.all_shards() if s.live_bytes > 0]
+
+
+def compare(family: str, peft_type: str, rank: int, checkpointing: bool = False, compiled: bool = False,
+            prefetch: bool = True, **adapter) -> dict:
+    reference = adapted(family, peft_type, **adapter)
     sharded_model = copy.deepcopy(reference)
     if checkpointing:
         enable_checkpointing(reference)
         enable_checkpointing(sharded_model)
     sharded = shard_frozen_base(sharded_model, decoder_layers(sharded_model), group=None)
+    sharded.prefetch = prefetch
     watch = GatherWatch(sharded)
     if compiled:
         for layer in decoder_layers(sharded_model):
@@ -93,16 +120,66 @@ def compare(family: str, peft_type: str, rank: int, checkpointing: bool = False,
         out["steps"].append({
             "logits": float((logits - ref_logits).abs().max()), "loss": abs(loss - ref_loss),
             "grads": max_diff(grads, ref_grads), "grad_size": max(float(v.abs().max()) for v in ref_grads.values()),
-            "gathered_after": [s.name for s in sharded.all_shards() if s.gathered],
+            "holding_after": holding(sharded),
         })
     with torch.no_grad():
         ids = torch.randint(3, VOCAB, (2, 12), generator=g).to(DEVICE)
         diff = (sharded_model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max()
     out["eval_logits"] = float(diff)
-    out["gathered_after_eval"] = [s.name for s in sharded.all_shards() if s.gathered]
-    out["peak_layers_gathered"] = watch.peak
+    out["holding_after_eval"] = holding(sharded)
+    out["peak_layers_forward"], out["peak_layers_backward"] = watch.forward, watch.backward
     out["layers"] = len(sharded.units)
     return out
+
+
+# Orders of calls besides forward-then-backward; each returns the trainable gradients it leaves.
+def eval_forward_between(model, ids):
+    loss, _ = loss_of(model, ids)
+    with torch.no_grad():  # frees every gathered weight, the LM head's included
+        model(input_ids=ids)
+    loss.backward()
+    return grads_of(model)
+
+
+def backward_twice(model, ids):
+    loss, _ = loss_of(model, ids)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    return grads_of(model)
+
+
+def two_forwards_two_backwards(model, ids):
+    first, _ = loss_of(model, ids)
+    second, _ = loss_of(model, ids.flip(0))
+    first.backward()
+    second.backward()
+    return grads_of(model)
+
+
+PATTERNS = {f.__name__: f for f in (eval_forward_between, backward_twice, two_forwards_two_backwards)}
+
+
+def call_orders(rank: int) -> dict:
+    out = {}
+    for name, pattern in PATTERNS.items():
+        reference = adapted("llama")
+        model = copy.deepcopy(reference)
+        sharded = shard_frozen_base(model, decoder_layers(model), group=None)
+        ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7 + rank)).to(DEVICE)
+        expected = pattern(reference, ids)
+        out[name] = {"grads": max_diff(pattern(model, ids), expected), "holding_after": holding(sharded)}
+    return out
+
+
+def cast_on_sharding(rank: int) -> dict:
+    """``dtype=``: frozen weights of another dtype (here one norm in float64) come out in the run's."""
+    reference = adapted("llama")
+    model = copy.deepcopy(reference)
+    model.model.layers[1].input_layernorm.double()
+    shard_frozen_base(model, decoder_layers(model), group=None, dtype=torch.float32)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(9 + rank)).to(DEVICE)
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad})
+    return {"frozen_dtypes": dtypes, "grads": max_diff(step(model, ids)[2], step(reference, ids)[2])}
 
 
 def gathered_outside_forward(rank: int) -> dict:
@@ -115,8 +192,13 @@ def gathered_outside_forward(rank: int) -> dict:
     with gathered([p]):
         inside = float((p - ref).abs().max())
     shard = next(s for s in sharded.all_shards() if any(q is p for q in s.params))
-    return {"inside": inside, "freed_after": not shard.gathered,
-            "storage_after": p.untyped_storage().nbytes()}
+    try:
+        with gathered([p], modifier_rank=0):
+            refused = ""
+    except ValueError as e:
+        refused = str(e)
+    return {"inside": inside, "freed_after": not shard.gathered, "storage_after": p.untyped_storage().nbytes(),
+            "write_refused": refused}
 
 
 def main(out_dir: str, device: str = "cpu") -> None:
@@ -127,13 +209,18 @@ def main(out_dir: str, device: str = "cpu") -> None:
         DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(DEVICE)
     torch.manual_seed(0)
-    report = {"rank": rank, "world": tdist.get_world_size(), "families": {}}
+    report = {"rank": rank, "world": tdist.get_world_size(), "cases": {}}
+    cases = report["cases"]
     for family in FAMILIES:
-        report["families"][family] = compare(family, "MIXLORA", rank)
-    report["lora_baseline"] = compare("llama", "LORA", rank)
-    report["checkpointing"] = compare("llama", "MIXLORA", rank, checkpointing=True)
-    report["compiled"] = compare("llama", "MIXLORA", rank, compiled=True)
-    report["compiled_checkpointing"] = compare("qwen2", "MIXLORA", rank, checkpointing=True, compiled=True)
+        cases[f"mixlora {family}"] = compare(family, "MIXLORA", rank)
+    cases["lora"] = compare("llama", "LORA", rank)
+    cases["dora qwen2 (biases)"] = compare("qwen2", "LORA", rank, use_dora=True)
+    cases["checkpointing"] = compare("llama", "MIXLORA", rank, checkpointing=True)
+    cases["compiled"] = compare("llama", "MIXLORA", rank, compiled=True)
+    cases["compiled checkpointing"] = compare("qwen2", "MIXLORA", rank, checkpointing=True, compiled=True)
+    cases["no prefetch"] = compare("llama", "MIXLORA", rank, prefetch=False)
+    report["call_orders"] = call_orders(rank)
+    report["cast"] = cast_on_sharding(rank)
     report["gathered"] = gathered_outside_forward(rank)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
     tdist.barrier()

@@ -88,7 +88,6 @@ def test_resume_into_another_zero3_layout_is_refused(dropout_run, assets, runs_r
     assert result.returncode != 0, result.output[-3000:]
     for rank in (0, 1):
         assert f"[rank {rank}] checkpoint error:" in result.output
-    assert ("saved with zero stage 3, deepspeed engine stage 2, resuming with zero stage 3, deepspeed engine "
-            "stage 3" in result.output)
+    assert "written by a DeepSpeed engine at ZeRO stage 2, this run's engine is at stage 3" in result.output
     assert "resume with the settings it was saved with" in result.output
     assert not (out / "checkpoints").exists()

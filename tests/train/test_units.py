@@ -124,7 +124,11 @@ def test_zero3_engine_config_for_mixlora_ds_sharding():
 
 @pytest.mark.parametrize("zero, key", [
     ({"offload_param": {"device": "cpu"}}, "offload_param"),
+    ({"cpu_offload_param": True}, "cpu_offload_param"),
+    ({"offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}, "offload_optimizer.device nvme"),
+    ({"offload_optimizer": {"device": "cpu", "ratio": 0.5}}, "offload_optimizer.ratio"),
     ({"zero_quantized_weights": True}, "zero_quantized_weights"),
+    ({"zero_quantized_gradients": True}, "zero_quantized_gradients"),
     ({"zero_hpz_partition_size": 2}, "zero_hpz_partition_size"),
 ])
 def test_stage3_features_only_deepspeeds_engine_has_are_refused(tmp_path, zero, key):
@@ -180,6 +184,24 @@ def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
     assert find_resume(str(root), str(root)).step == 8
     with pytest.raises(CheckpointError, match="incomplete"):
         find_resume(str(root / "step_00000012"), str(root))
+
+
+def test_resume_refuses_another_engine_stage(tmp_path):
+    """The engine stage a checkpoint was written with comes from its marker, or, for checkpoints from
+    before the marker recorded it, from its ds_config.json; resuming into another stage is refused."""
+    from mixlora_ds.train.checkpoint import CheckpointInfo, check_engine_stage
+
+    old = tmp_path / "step_00000004"
+    old.mkdir()
+    (old / "ds_config.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    check_engine_stage(CheckpointInfo(str(old), 4, {"step": 4}), 3)
+    with pytest.raises(CheckpointError, match="written by a DeepSpeed engine at ZeRO stage 3, this run's engine "
+                                              "is at stage 2"):
+        check_engine_stage(CheckpointInfo(str(old), 4, {"step": 4}), 2)
+    new = CheckpointInfo(str(old), 4, {"step": 4, "engine_stage": 2})  # the marker wins over the file
+    check_engine_stage(new, 2)
+    with pytest.raises(CheckpointError, match="deepspeed.zero3_impl"):
+        check_engine_stage(new, 3)
 
 
 def test_heatmap_image():

@@ -14,11 +14,45 @@ import torch
 
 
 def held_frozen(built, model) -> dict[str, tuple[int, int]]:
-    """{piece: (elements held by this rank, elements of the whole piece)} of the frozen base."""
+    """{piece: (elements this rank holds in memory, elements of the whole piece)} of the frozen base:
+    a parameter's partition under DeepSpeed's engine; a layer's flat shard under mixlora_ds's, plus
+    whatever its full buffer holds at the moment (nothing, between steps)."""
     if built.sharded_base is not None:
-        return {s.name: (s.held_numel, s.numel) for s in built.sharded_base.all_shards()}
+        return {s.name: (s.shard_S.numel() + s.live_bytes // s.shard_S.element_size(), s.numel)
+                for s in built.sharded_base.all_shards()}
     return {n: (p.ds_tensor.numel(), p.ds_numel) for n, p in model.named_parameters()
             if not p.requires_grad and hasattr(p, "ds_tensor")}
+
+
+def views_of_their_shards(built) -> bool:
+    """Every sharded parameter still reads its flat shard's buffer (the engine re-pointed none)."""
+    return all(p.untyped_storage()._cdata == s.full_F.untyped_storage()._cdata
+               for s in built.sharded_base.all_shards() for p in s.params)
+
+
+class WholeWatch:
+    """While mixlora_ds re-shards a zero.Init-partitioned base it gathers one unit at a time: the most
+    bytes of frozen weights held whole at once, seen as each flat shard is made (a spy: it records,
+    and calls what it wraps unchanged)."""
+
+    def __init__(self):
+        import mixlora_ds.parallel.frozen_base as frozen_base
+
+        self.peak, self.units, self.frozen = 0, [], []
+        make_shard, shard_base = frozen_base.FlatShard.__init__, frozen_base.shard_frozen_base
+
+        def on_shard(shard, name, params, *args, **kwargs):
+            storages = {p.untyped_storage()._cdata: p.untyped_storage().nbytes() for p in self.frozen}
+            self.peak = max(self.peak, sum(storages.values()))
+            self.units.append(sum(p.numel() * p.element_size() for p in params))
+            make_shard(shard, name, params, *args, **kwargs)
+
+        def on_shard_base(model, *args, **kwargs):
+            self.frozen = [p for p in model.parameters() if not p.requires_grad]
+            return shard_base(model, *args, **kwargs)
+
+        frozen_base.FlatShard.__init__ = on_shard
+        frozen_base.shard_frozen_base = on_shard_base
 
 
 def main(config_path: str, out_dir: str) -> None:
@@ -34,6 +68,7 @@ def main(config_path: str, out_dir: str) -> None:
     cfg = load_config(config_path)
     plan = make_plan(cfg, dist.world_size())
     dist.init_distributed(1)
+    whole = WholeWatch()
     built = build_model(cfg, plan.ds_config, plan.precision, plan.stage)
     # Before the engine exists: the base is already sharded, nothing gathered.
     frozen_before = held_frozen(built, built.model)
@@ -59,12 +94,14 @@ def main(config_path: str, out_dir: str) -> None:
         g = safe_get_full_grad(p) if p.requires_grad else p.grad  # a collective: every rank, same order
         grads[n] = None if g is None else float(g.abs().sum())
     frozen_after = held_frozen(built, engine.module)
-    gathered_after = ([s.name for s in built.sharded_base.all_shards() if s.gathered]
-                      if built.sharded_base is not None else [])
+    sharding = None
+    if built.sharded_base is not None:
+        sharding = {"views_of_shards": views_of_their_shards(built), "whole_peak_bytes": whole.peak,
+                    "largest_unit_bytes": max(whole.units), "base_bytes": sum(whole.units)}
     blocks = [m for m in engine.module.modules() if isinstance(m, MixLoraMoeBlock)]
     report = json.dumps({
         "rank": dist.rank(), "world": dist.world_size(), "impl": cfg.deepspeed.zero3_impl,
-        "frozen_before": frozen_before, "frozen_after": frozen_after, "gathered_after": gathered_after,
+        "frozen_before": frozen_before, "frozen_after": frozen_after, "sharding": sharding,
         "trainable": sorted(n for n, p in engine.module.named_parameters() if p.requires_grad),
         "grads": grads,
         "leaf_blocks": [bool(getattr(b, "_z3_leaf", False)) for b in blocks],
