@@ -223,8 +223,6 @@ def main(out_dir: str, device: str = "cpu") -> None:
     report["cast"] = cast_on_sharding(rank)
     report["gathered"] = gathered_outside_forward(rank)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-    tdist.barrier()
-    tdist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -235,3 +233,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     a = ap.parse_args()
     main(a.out_dir, a.device)
+    from mixlora_ds import dist
+
+    dist.shutdown()  # as launch/train.py leaves: together, skipping the interpreter's teardown
+    dist.exit_now(0)

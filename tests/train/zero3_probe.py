@@ -111,4 +111,10 @@ def main(config_path: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    from mixlora_ds import dist
+
     main(sys.argv[1], sys.argv[2])
+    # As launch/train.py leaves: together, and without the interpreter teardown that was seen to
+    # abort a finished rank ("terminate called without an active exception").
+    dist.shutdown()
+    dist.exit_now(0)
