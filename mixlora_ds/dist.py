@@ -174,9 +174,8 @@ def new_group(timeout_minutes: float | None = None):
     """A process group of all ranks (None with a world of one), with the run's collective timeout."""
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return None
-    timeout = collective_timeout(timeout_minutes)
     return torch.distributed.new_group(list(range(torch.distributed.get_world_size())),
-                                       **({"timeout": timeout} if timeout is not None else {}))
+                                       timeout=collective_timeout(timeout_minutes))
 
 
 def _free_port() -> int:

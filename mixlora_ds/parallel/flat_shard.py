@@ -21,6 +21,8 @@ import torch.distributed as tdist
 import torch.nn as nn
 
 ALIGN_BYTES = 128
+# all_gather_into_tensor's new name since torch 2.13; the same call.
+_all_gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
 SHARD_ATTR = "_mixlora_flat_shard"
 """Set on every parameter a ``FlatShard`` owns, pointing to it (see ``mixlora_ds.zero.gathered``)."""
 
@@ -118,7 +120,3 @@ class FlatShard:
     def live_bytes(self) -> int:
         """Bytes the full buffer takes right now (0 while freed; with one rank, always the whole)."""
         return self.full_F.untyped_storage().nbytes() if self.full_F is not None else 0
-
-
-# all_gather_into_tensor's new name since torch 2.13; the same call.
-_all_gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
