@@ -18,10 +18,14 @@ Cases (the shipped configs, and levers on top of them in ``VARIANTS``):
     plain              one process, no DeepSpeed, torch AdamW (the reference point)
     zero2              ZeRO-2 as shipped in ds_configs/zero2_bf16.json (frozen base replicated)
     zero3              ZeRO-3 as shipped in ds_configs/zero3_bf16.json, the frozen base sharded per
-                       decoder layer by mixlora_ds (the default ``deepspeed.zero3_impl: mixlora_ds``)
+                       decoder layer by mixlora_ds (the default ``deepspeed.zero3_impl: mixlora_ds``),
+                       gathered by copy engines on one host's GPUs (``zero3_gather_transport: auto``)
     zero3_deepspeed    the same config on DeepSpeed's own stage-3 engine (``zero3_impl: deepspeed``,
                        one gather per decoder layer: ``zero3_gather: layer``)
     zero3_no_prefetch  zero3 gathering each layer only when it is reached (what prefetch buys)
+    zero3_prefetch2    zero3 starting each layer's gather two layers ahead instead of one
+    zero3_nccl         zero3 gathering by NCCL all-gathers (on SMs) instead of copy engines
+    zero3_ce_one_stream  zero3's copy-engine gathers on one side stream instead of one per peer
     zero2_ds_defaults  zero2 with DeepSpeed's usual overflow check, overlap_comm, contiguous gradients
     zero1              zero2's settings at stage 1
     zero2_overlap      zero2 reducing gradients on a side stream, overlapped with backward
@@ -30,6 +34,10 @@ Cases (the shipped configs, and levers on top of them in ``VARIANTS``):
     zero3_deepspeed_prefetch     zero3_deepspeed prefetching about one decoder layer ahead
     ddp                plain PyTorch DistributedDataParallel, one process per GPU (data parallel
                        without DeepSpeed, for comparison)
+
+Peak memory is what the caching allocator handed out, plus, with copy-engine gathers, the shards
+in symmetric memory (allocated outside it). ``--trace DIR`` writes ranks 0 and 1's timelines of two
+profiled steps; ``benchmarks/trace_summary.py`` says where their GPU time went.
 
 Python's garbage collection runs as the training loop runs it (``--gc-every``, the training
 config's ``gc_every_steps``); ``--gc-every 0`` leaves CPython's automatic collector on.
@@ -70,7 +78,10 @@ USUAL_BUCKETS = {"overlap_comm": True, "contiguous_gradients": True}
 DEEPSPEED_ZERO3 = {"zero3_impl": "deepspeed"}
 VARIANTS = {
     "zero3_deepspeed": ("zero3", {}, DEEPSPEED_ZERO3),
-    "zero3_no_prefetch": ("zero3", {}, {}),
+    "zero3_no_prefetch": ("zero3", {}, {"zero3_prefetch_layers": 0}),
+    "zero3_prefetch2": ("zero3", {}, {"zero3_prefetch_layers": 2}),
+    "zero3_nccl": ("zero3", {}, {"zero3_gather_transport": "nccl"}),
+    "zero3_ce_one_stream": ("zero3", {}, {"zero3_gather_transport": "copy_engine"}),
     "zero2_ds_defaults": ("zero2", {"bf16": {"check_grad_overflow": True}, "zero_optimization": USUAL_BUCKETS}, {}),
     "zero1": ("zero2", {"zero_optimization": {"stage": 1}}, {}),
     "zero2_overlap": ("zero2", {"zero_optimization": USUAL_BUCKETS}, {}),
@@ -115,12 +126,14 @@ def make_config(args, world: int):
     return cfg
 
 
-def peak_mem_gb() -> float:
+def peak_mem_gb(current: bool = False) -> float:
+    """Peak (or, with ``current``, present) memory the caching allocator hands out, GB; on CPU the
+    process's peak resident memory."""
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
     if acc.device_name() != "cpu":
-        return acc.max_memory_allocated() / 2**30
+        return (acc.memory_allocated() if current else acc.max_memory_allocated()) / 2**30
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -176,9 +189,11 @@ def run_case(args) -> dict:
             with torch.device(device):
                 built = build_model(cfg, ds_config, precision, stage)
         model = start_engine(built, engine_ds_config(cfg, ds_config))
-        if args.case == "zero3_no_prefetch":
-            built.sharded_base.prefetch = False
+        if args.case == "zero3_ce_one_stream":
+            for shard in built.sharded_base.all_shards():
+                shard.copy_streams = 1
     total, trainable = count_parameters(built.model)
+    allocated_after_build = peak_mem_gb(current=True)
     vocab = MODELS[args.model]["vocab_size"]
     g = torch.Generator().manual_seed(dist.rank())
     ids = torch.randint(3, vocab, (args.micro, args.seq), generator=g).to(device)
@@ -212,8 +227,12 @@ def run_case(args) -> dict:
         collector.step(i + 1)
     synchronize()
     dist.barrier()
-    if args.profile:
-        profile_step((forward, backward, optimizer_step), device)
+    if args.profile or args.trace:
+        trace = None
+        if args.trace and dist.rank() < 2:
+            os.makedirs(args.trace, exist_ok=True)
+            trace = os.path.join(args.trace, f"trace_{args.case}_{args.adapter}_w{world}_r{dist.rank()}.json")
+        profile_step((forward, backward, optimizer_step), device, trace)
     t0 = time.perf_counter()
     issued = []  # host time per step: shows steps that wait on the device
     for i in range(args.steps):
@@ -237,7 +256,15 @@ def run_case(args) -> dict:
         "gc_every": args.gc_every, "compile": args.compile,
         "zero3_impl": cfg.deepspeed.zero3_impl if stage == 3 else None,
         "gc_young_ms": round(gc_ms, 1),
+        "transport": built.sharded_base.transport if built.sharded_base is not None else None,
+        "allocated_after_build_gb": round(allocated_after_build, 2),
     }
+    if device.type == "cuda":  # everything on the GPU, symmetric memory and NCCL's buffers included
+        free, whole = torch.cuda.mem_get_info(device)
+        result["device_used_gb"] = round((whole - free) / 2**30, 2)
+    if result["transport"] == "copy_engine":  # shards in symmetric memory, which the allocator does not count
+        result["peak_mem_gb"] += sum(s.shard_S.numel() * s.shard_S.element_size()
+                                     for s in built.sharded_base.all_shards()) / 2**30
     # Report the slowest rank: a step is as fast as its slowest participant.
     t = torch.tensor([dt, result["peak_mem_gb"]], dtype=torch.float64, device=device)
     dist.all_reduce_(t, "max")
@@ -282,9 +309,11 @@ def check_sharded(built, ids) -> dict:
     return {"check_logits_maxdiff": float(t[0]), "check_grad_maxdiff": float(t[1]), "check_grad_max": float(t[2])}
 
 
-def profile_step(phases_fns, device) -> None:
+def profile_step(phases_fns, device, trace: str | None = None) -> None:
     """Where a step's time goes: phase times with a sync after each phase, then a torch.profiler table
-    of host-side ops (what keeps the GPU waiting) and the synchronisations issued per step."""
+    of host-side ops (what keeps the GPU waiting) and the synchronisations issued per step; with
+    ``trace``, the profiled steps' timeline as a gzipped Chrome trace there (read it with
+    ``benchmarks/trace_summary.py``)."""
     import torch
 
     from mixlora_ds import dist
@@ -315,6 +344,14 @@ def profile_step(phases_fns, device) -> None:
             backward(forward())
             optimizer_step()
         synchronize()
+    if trace:
+        import gzip
+        import shutil
+
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(trace)
     if dist.is_main():
         ka = prof.key_averages()
         print(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70), flush=True)
@@ -339,9 +376,11 @@ def sweep(args) -> None:
                        "--adapter", adapter, "--model", args.model, "--micro", str(args.micro), "--seq",
                        str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision",
                        args.precision, "--attn", args.attn, "--workdir", args.workdir, "--gc-every", str(args.gc_every)]
-                for flag in ("compile", "check", "checkpointing"):
+                for flag in ("compile", "check", "checkpointing", "profile"):
                     if getattr(args, flag):
                         cmd.append(f"--{flag}")
+                if args.trace:
+                    cmd += ["--trace", args.trace]
                 env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
                 t = time.time()
                 try:
@@ -395,6 +434,8 @@ def main() -> None:
         s.add_argument("--checkpointing", action="store_true", help="activation checkpointing (off by default)")
         s.add_argument("--workdir", default="/tmp/bench_zero")
         s.add_argument("--profile", action="store_true", help="print phase times and a profiler table")
+        s.add_argument("--trace", default=None, metavar="DIR",
+                       help="profile as --profile does, and write ranks 0 and 1's timelines there (Chrome trace)")
         s.add_argument("--check", action="store_true",
                        help="after timing, compare the sharded base's per-layer gathers with the whole base "
                             "gathered up front (zero3 cases)")

@@ -14,11 +14,13 @@ written back.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
+
+from mixlora_ds.parallel import peer_copy
 
 ALIGN_BYTES = 128
 # all_gather_into_tensor's new name since torch 2.13; the same call.
@@ -30,13 +32,17 @@ SHARD_ATTR = "_mixlora_flat_shard"
 class FlatShard:
     """Gather (``unshard`` then ``wait``) and free (``reshard``) the frozen weights of one unit.
 
-    ``unshard`` starts the all-gather and returns at once, so the next unit's weights can travel while
+    ``unshard`` starts the gather and returns at once, so the next unit's weights can travel while
     this one computes; ``wait`` makes the current stream wait for them (no host synchronisation on
     GPUs). With one rank the shard is the whole buffer and all three are no-ops.
+
+    ``transport``: "nccl", an all-gather on the group (any backend, any hosts); "copy_engine", the
+    shards in symmetric memory and each rank copying the others' itself (one host's GPUs;
+    ``peer_copy``).
     """
 
     def __init__(self, name: str, params: Sequence[nn.Parameter], group: tdist.ProcessGroup | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, transport: Literal["nccl", "copy_engine"] = "nccl"):
         """Copy this rank's slice of ``params`` (one device), whose ``.data`` must hold their full values
         now (``frozen_base.shard_frozen_base`` gathers ZeRO-3-partitioned ones first), in ``dtype``
         (default: theirs, which must then be one); ``take_over`` then makes the parameters views of
@@ -70,6 +76,11 @@ class FlatShard:
         self.full_F: torch.Tensor | None = None
         self._work = None
         self.gathered = False
+        self._peers = None
+        if transport == "copy_engine" and self.world > 1:
+            self.shard_S, self._peers, self._symm_handle = peer_copy.map_into_peers(self.shard_S, group)
+        self.copy_streams = max(1, self.world - 1)
+        """Side streams a gather by copy engine spreads its copies over."""
 
     def take_over(self) -> None:
         """Point every parameter at its view of the full buffer, which is then freed. Separate from
@@ -87,11 +98,15 @@ class FlatShard:
 
     # --------------------------------------------------------------------------------- state
     def unshard(self) -> None:
-        """Start gathering the full weights (a collective: every rank calls it in the same order)."""
+        """Start gathering the full weights. Over NCCL a collective (every rank calls it in the same
+        order); by copy engine each rank's own business, on side streams."""
         if self.gathered or self._work is not None:
             return
         self.full_F.untyped_storage().resize_(self._full_bytes)
-        self._work = _all_gather(self.full_F, self.shard_S, group=self.group, async_op=True)
+        if self._peers is not None:
+            self._work = peer_copy.gather_by_copy(self.full_F, self._peers, self.rank, self.copy_streams)
+        else:
+            self._work = _all_gather(self.full_F, self.shard_S, group=self.group, async_op=True)
 
     def wait(self) -> None:
         """The full weights are usable (on the current stream) once this returns."""

@@ -3,11 +3,13 @@
 A frozen base needs no gradient reduction and no optimizer state, so what ZeRO-3 has to do for it
 is small: keep 1/N of every frozen weight, gather a layer's weights before the layer runs (in
 forward, and again in backward, where the input gradient needs them) and free them afterwards.
-This module does exactly that, with one flat all-gather per decoder layer (``FlatShard``), started
-one layer ahead so it travels while the previous layer computes. Its hooks sit on the decoder
-layers, never inside them, so a layer's forward can be compiled. (DeepSpeed's stage-3 engine gathers
-from hooks on every module, which keeps the layers eager: on 7B MixLoRA, 2 / 4 H200s, it ran 2,938 /
-2,432 tokens/s per GPU against 10,563 / 10,616 for this module with compiled layers; BENCHMARKS.md.)
+This module does exactly that, with one flat gather per decoder layer (``FlatShard``: an all-gather,
+or on one host's GPUs copy-engine copies out of the other ranks' shards), started
+``prefetch_layers`` layers ahead so it travels while earlier layers compute. Its hooks sit on the
+decoder layers, never inside them, so a layer's forward can be compiled. (DeepSpeed's stage-3 engine
+gathers from hooks on every module, which keeps the layers eager: on 7B MixLoRA, 2 / 4 H200s, it ran
+2,938 / 2,432 tokens/s per GPU against 10,563 / 10,616 for this module with compiled layers and NCCL
+gathers; BENCHMARKS.md.)
 The trainable adapter is untouched: DeepSpeed's ZeRO-1/2 handles it.
 
 Units: one per decoder layer (every frozen parameter inside it, wherever nested), plus the "outer"
@@ -16,15 +18,17 @@ model's forward starts and kept until backward is done.
 
 Order of events, L layers, one training micro-batch::
 
-    forward:   outer gathered; layer i: wait for i, start i+1, compute, free i (but L-1, which
-               backward needs first)
+    forward:   outer gathered, layers 0..p-1 started; layer i: wait for i, start i+p, compute,
+               free i (but L-1, which backward needs first)
     backward:  outer gathered (again, if an evaluation forward freed it meanwhile);
-               layer i: wait for i, start i-1, compute gradients, free i
+               layer i: wait for i, start i-p, compute gradients, free i
                end of backward: free everything still gathered (outer unit included)
 
-Without autograd (evaluation) every layer is freed after its forward, and everything at the end.
+(p = ``prefetch_layers``; 0 gathers each layer when it is reached.) At most p + 1 layers are
+gathered at a time. Without autograd (evaluation) every layer is freed after its forward, and
+everything at the end.
 
-Every rank must run the same layers in the same order (true of data parallelism): gathers are
+Every rank must run the same layers in the same order (true of data parallelism): NCCL gathers are
 collectives. Activation checkpointing re-runs a layer's forward inside its backward; while a
 backward runs, the forward hooks only make sure the layer is gathered, and free nothing.
 """
@@ -34,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import defaultdict
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.distributed as tdist
@@ -76,9 +80,11 @@ class ShardedFrozenBase:
         self.layers = list(layers)
         self.units = layer_units
         self.outer = outer
-        self.prefetch = True
-        """Start the next layer's gather before this one computes (off: each layer waits for its own)."""
+        self.prefetch_layers = 1
+        """How many layers ahead gathers start (0: each layer waits for its own gather)."""
         self.in_backward = False
+        self.transport = "nccl"
+        """How units are gathered ("nccl" or "copy_engine", ``FlatShard``), for logs."""
         self._handles = []
         self._handles.append(model.register_forward_pre_hook(self._model_pre_forward))
         self._handles.append(model.register_forward_hook(self._model_post_forward))
@@ -93,8 +99,7 @@ class ShardedFrozenBase:
         if self.in_backward:  # a backward that raised never reached its end-of-backward callback
             self._after_backward()
         self._outer_pre_forward(module, args)
-        if self.units and self.prefetch:
-            self.units[0].unshard()  # travels while the embeddings run
+        self._start(range(0, self.prefetch_layers))  # travel while the embeddings run
 
     def _outer_pre_forward(self, module, args) -> None:
         if self.outer is not None:
@@ -114,8 +119,7 @@ class ShardedFrozenBase:
             unit.gather_now()
             if self.in_backward:  # activation checkpointing re-runs the forward inside backward
                 return None
-            if i + 1 < len(self.units) and self.prefetch:
-                self.units[i + 1].unshard()
+            self._start(range(i + 1, i + 1 + self.prefetch_layers))
             if not torch.is_grad_enabled():
                 return None
             # Free this layer once its backward has produced the gradient of its input.
@@ -152,8 +156,7 @@ class ShardedFrozenBase:
     def _before_layer_backward(self, i: int) -> None:
         self._enter_backward()
         self.units[i].gather_now()
-        if i > 0 and self.prefetch:
-            self.units[i - 1].unshard()
+        self._start(range(i - 1, i - 1 - self.prefetch_layers, -1))
 
     def _after_layer_backward(self, i: int) -> None:
         self.units[i].reshard()
@@ -163,6 +166,13 @@ class ShardedFrozenBase:
         self.in_backward = False
 
     # ------------------------------------------------------------------------------- helpers
+    def _start(self, indices: range) -> None:
+        """Start gathering these layers, in this order (every rank issues the same), skipping
+        indices past either end and layers already gathered or on their way."""
+        for j in indices:
+            if 0 <= j < len(self.units):
+                self.units[j].unshard()
+
     def reshard_all(self) -> None:
         for unit in self.units:
             unit.reshard()
@@ -226,7 +236,7 @@ def frozen_params(module: nn.Module, exclude: set[int] = frozenset()) -> list[nn
     return out
 
 
-def _shard_unit(name: str, params: list[nn.Parameter], group, dtype: torch.dtype | None) -> Unit:
+def _shard_unit(name: str, params: list[nn.Parameter], group, dtype: torch.dtype | None, transport: str) -> Unit:
     """Copy our slices of ``params`` (gathering ZeRO-3-partitioned ones), then own the parameters."""
     from mixlora_ds.zero import gathered
 
@@ -234,7 +244,7 @@ def _shard_unit(name: str, params: list[nn.Parameter], group, dtype: torch.dtype
     for p in params:
         by_kind[(dtype or p.dtype, p.device)].append(p)
     with gathered(params):
-        shards = [FlatShard(f"{name}[{kind_dtype}]", ps, group, kind_dtype)
+        shards = [FlatShard(f"{name}[{kind_dtype}]", ps, group, kind_dtype, transport)
                   for (kind_dtype, _), ps in by_kind.items()]
     for p in params:
         _forget_zero3(p)
@@ -254,12 +264,14 @@ def _forget_zero3(p: nn.Parameter) -> None:
 
 
 def shard_frozen_base(model: nn.Module, layers: Sequence[nn.Module], group: tdist.ProcessGroup | None = None,
-                      dtype: torch.dtype | None = None) -> ShardedFrozenBase:
+                      dtype: torch.dtype | None = None,
+                      transport: Literal["nccl", "copy_engine"] = "nccl") -> ShardedFrozenBase:
     """Shard every frozen parameter of ``model`` per decoder layer across ``group`` and install the
     hooks that gather them. Collective. The parameters may be whole (any model) or partitioned by
     ``deepspeed.zero.Init`` (one layer at a time is gathered to re-shard it, so no rank ever holds
     the whole model); trainable parameters are left alone. ``dtype``: cast the frozen weights to it
-    (what a bf16 DeepSpeed engine would do to any other dtype); None keeps each one's own."""
+    (what a bf16 DeepSpeed engine would do to any other dtype); None keeps each one's own.
+    ``transport``: how layers are gathered (``FlatShard``)."""
     layer_units, inside = [], set()
     for i, layer in enumerate(layers):
         params = frozen_params(layer)
@@ -268,13 +280,16 @@ def shard_frozen_base(model: nn.Module, layers: Sequence[nn.Module], group: tdis
             raise ValueError(f"decoder layer {i} shares a frozen parameter of shape {tuple(shared[0].shape)} "
                              f"with an earlier layer; sharding per layer needs each layer to own its weights")
         inside.update(id(p) for p in params)
-        layer_units.append(_shard_unit(f"layer {i}", params, group, dtype) if params else Unit(f"layer {i}", []))
+        layer_units.append(_shard_unit(f"layer {i}", params, group, dtype, transport) if params
+                           else Unit(f"layer {i}", []))
     outer_params = frozen_params(model, exclude=inside)
-    outer = _shard_unit("outer", outer_params, group, dtype) if outer_params else None
+    outer = _shard_unit("outer", outer_params, group, dtype, transport) if outer_params else None
     owned = {id(p) for p in outer_params}
     outer_modules = [m for m in model.modules()
                      if any(id(p) in owned for p in m.parameters(recurse=False))]
-    return ShardedFrozenBase(model, layers, layer_units, outer, outer_modules)
+    sharded = ShardedFrozenBase(model, layers, layer_units, outer, outer_modules)
+    sharded.transport = transport
+    return sharded
 
 
 @contextlib.contextmanager

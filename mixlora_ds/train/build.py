@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -187,7 +188,7 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
         enable_checkpointing(model)
     sharded = None
     if shard_base:
-        sharded = shard_frozen_base_of(model, dtype, cfg.deepspeed.timeout_minutes)
+        sharded = shard_frozen_base_of(cfg, model, dtype)
         hf_ds = None  # construction is over: later from_config calls must not enter zero.Init
     if cfg.model.compile:
         from mixlora_ds.model.inject import decoder_layers
@@ -199,15 +200,31 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
     return BuiltModel(model, adapter_config, trainable, hf_ds, sharded)
 
 
-def shard_frozen_base_of(model: nn.Module, dtype: torch.dtype, timeout_minutes: float | None):
+def shard_frozen_base_of(cfg: TrainConfig, model: nn.Module, dtype: torch.dtype):
     """Re-shard the (zero.Init-partitioned) frozen base per decoder layer over all ranks, in the run's
-    dtype; gathers run on a process group of their own (with the run's collective timeout), so they
-    never queue behind DeepSpeed's gradient reductions."""
+    dtype, gathered as ``deepspeed.zero3_gather_transport`` says. NCCL gathers run on a process
+    group of their own (with the run's collective timeout), so they never queue behind DeepSpeed's
+    gradient reductions."""
     from mixlora_ds import dist
     from mixlora_ds.model.inject import decoder_layers
+    from mixlora_ds.parallel import peer_copy
     from mixlora_ds.parallel.frozen_base import shard_frozen_base
 
-    return shard_frozen_base(model, decoder_layers(model), dist.new_group(timeout_minutes), dtype)
+    group = dist.new_group(cfg.deepspeed.timeout_minutes)
+    transport = cfg.deepspeed.zero3_gather_transport
+    if group is None:  # one rank: nothing is ever gathered
+        transport = "nccl"
+    elif transport != "nccl":
+        why_not = peer_copy.check_available(group, dist.device())
+        if why_not is not None and transport == "copy_engine":
+            raise TrainConfigError(f"{where_of(cfg, 'deepspeed.zero3_gather_transport')}: "
+                                   f"deepspeed.zero3_gather_transport=copy_engine is not possible here: {why_not}")
+        if why_not is not None and dist.device().type == "cuda" and dist.is_main():
+            logging.getLogger(__name__).warning("ZeRO-3 gathers by NCCL, not copy engine: %s", why_not)
+        transport = "nccl" if why_not is not None else "copy_engine"
+    sharded = shard_frozen_base(model, decoder_layers(model), group, dtype, transport)
+    sharded.prefetch_layers = cfg.deepspeed.zero3_prefetch_layers
+    return sharded
 
 
 def start_engine(built: BuiltModel, engine_config: dict[str, Any], lr_scheduler=None):

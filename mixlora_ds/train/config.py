@@ -152,15 +152,25 @@ class DeepSpeedSection:
     """Collective timeout; null = DEEPSPEED_TIMEOUT or DeepSpeed's default (10)."""
     zero3_impl: Literal["mixlora_ds", "deepspeed"] = "mixlora_ds"
     """Who shards the frozen base under ZeRO-3 (a DeepSpeed config of stage 3). "mixlora_ds": each
-    decoder layer's frozen weights become one flat buffer split across ranks, gathered by one
-    all-gather one layer ahead of use (``mixlora_ds.parallel``); DeepSpeed's engine then runs stage 2
-    for the trainable adapter (its gradients and optimizer state partitioned, the adapter itself
-    replicated). Works with ``model.compile``: 7B MixLoRA on 2 / 4 H200s ran 3.6x / 4.4x the tokens/s
-    of "deepspeed", which cannot compile the layers (BENCHMARKS.md). The stage-3-only keys of the
-    DeepSpeed config are not used; parameter offload, NVMe or partial optimizer offload and quantized
-    weights or gradients are refused. "deepspeed": DeepSpeed's own stage-3 engine (gathers from hooks
-    on every module; partitions the adapter too when it is larger than
-    ``stage3_param_persistence_threshold``)."""
+    decoder layer's frozen weights become one flat buffer split across ranks, gathered ahead of use
+    (``zero3_gather_transport``, ``zero3_prefetch_layers``; ``mixlora_ds.parallel``); DeepSpeed's
+    engine then runs stage 2 for the trainable adapter (its gradients and optimizer state
+    partitioned, the adapter itself replicated). Works with ``model.compile``: 7B MixLoRA on 2 / 4
+    H200s ran 3.6x / 4.4x the tokens/s of "deepspeed", which cannot compile the layers
+    (BENCHMARKS.md). The stage-3-only keys of the DeepSpeed config are not used; parameter offload,
+    NVMe or partial optimizer offload and quantized weights or gradients are refused. "deepspeed":
+    DeepSpeed's own stage-3 engine (gathers from hooks on every module; partitions the adapter too
+    when it is larger than ``stage3_param_persistence_threshold``)."""
+    zero3_gather_transport: Literal["auto", "copy_engine", "nccl"] = "auto"
+    """With ``zero3_impl: mixlora_ds``, how layers are gathered. "copy_engine": the shards in
+    symmetric memory, each rank copying the others' with the GPU's copy engines, no SMs and no
+    collective (CUDA, one host; on 2 H200s 0.99x ZeRO-2's tokens/s against 0.92x for "nccl",
+    BENCHMARKS.md); "nccl": an all-gather (any backend, any hosts); "auto": "copy_engine" where it
+    works, else "nccl"."""
+    zero3_prefetch_layers: int = 1
+    """With ``zero3_impl: mixlora_ds``, how many decoder layers ahead of use a layer's gather starts
+    (0: when the layer is reached). Each layer more keeps one more layer's frozen weights gathered
+    at a time (0.4 GB at 7B, bf16)."""
     zero3_gather: Literal["layer", "module"] = "layer"
     """With ``zero3_impl: deepspeed``, the gather granularity. "layer": each decoder layer is one ZeRO-3
     leaf, its frozen weights gathered in one go (1.7x / 2.2x the tokens/s of "module" on 1 / 2 H200s,

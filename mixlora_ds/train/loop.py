@@ -66,7 +66,8 @@ class Trainer:
         if built.sharded_base is not None:
             held, full = built.sharded_base.held_numel()
             log.info("ZeRO-3 by mixlora_ds: frozen base sharded per decoder layer, this rank holds %s of %s "
-                     "elements; DeepSpeed runs stage 2 for the adapter", f"{held:,}", f"{full:,}")
+                     "elements, gathered by %s; DeepSpeed runs stage 2 for the adapter", f"{held:,}", f"{full:,}",
+                     built.sharded_base.transport)
 
         def scheduler(optimizer):
             return build_scheduler(optimizer, cfg.schedule.type, plan.warmup_steps, plan.total_steps,

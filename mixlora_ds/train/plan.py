@@ -103,6 +103,7 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
     _positive(cfg, "checkpoint.keep_last", cfg.checkpoint.keep_last)
     _positive(cfg, "checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
     _positive(cfg, "logging.every_steps", cfg.logging.every_steps)
+    _positive(cfg, "deepspeed.zero3_prefetch_layers", cfg.deepspeed.zero3_prefetch_layers, allow_zero=True)
     _positive(cfg, "eval.every_steps", cfg.eval.every_steps, allow_zero=True)
     _positive(cfg, "schedule.warmup_steps", cfg.schedule.warmup_steps, allow_zero=True)
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
@@ -136,6 +137,11 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
         raise TrainConfigError(f"{where_of(cfg, 'model.compile')}: model.compile does not work with "
                                f"deepspeed.zero3_impl: deepspeed (DeepSpeed's stage-3 parameter hooks run inside "
                                f"the compiled layers); use zero3_impl: mixlora_ds, or model.compile: false")
+    if shards_base and cfg.deepspeed.zero3_gather_transport == "copy_engine" and device != "cuda":
+        # (whether every rank shares one host is checked when the base is sharded: it takes a collective)
+        raise TrainConfigError(f"{where_of(cfg, 'deepspeed.zero3_gather_transport')}: "
+                               f"deepspeed.zero3_gather_transport=copy_engine needs CUDA GPUs, this run is on "
+                               f"{device}; use auto or nccl")
 
     if not cfg.data.train_dir:
         raise TrainConfigError(f"{where_of(cfg, 'data.train_dir')}: data.train_dir is required")

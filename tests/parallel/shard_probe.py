@@ -5,10 +5,10 @@ For tiny models (4 decoder layers) of every family with MixLoRA (random adapter 
 DoRA baselines, each rank compares the model with its frozen base sharded (``shard_frozen_base``)
 against the same model unsharded, on this rank's own input: logits, the loss, and the gradient of
 every trainable tensor, in training mode with and without activation checkpointing, with a
-compiled layer forward, without prefetching, and in an evaluation forward; and in the orders of
-calls a caller may use besides forward-then-backward. It also records how much of the base each
-rank holds, how many layers hold memory at once in forward and in backward, and that nothing holds
-memory after a step.
+compiled layer forward, without prefetching and two layers ahead, and in an evaluation forward
+(on GPUs also gathered by copy engine); and in the orders of calls a caller may use besides
+forward-then-backward. It also records how much of the base each rank holds, how many layers hold
+memory at once in forward and in backward, and that nothing holds memory after a step.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mixlora_ds import MixLoraConfig, inject_mixlora  # noqa: E402
 from mixlora_ds.model.inject import decoder_layers  # noqa: E402
+from mixlora_ds.model.moe import set_compute_path  # noqa: E402
 from mixlora_ds.parallel.frozen_base import shard_frozen_base  # noqa: E402
 from mixlora_ds.train.build import enable_checkpointing  # noqa: E402
 from mixlora_ds.zero import gathered  # noqa: E402
@@ -98,14 +99,14 @@ def holding(sharded) -> list[str]:
 
 
 def compare(family: str, peft_type: str, rank: int, checkpointing: bool = False, compiled: bool = False,
-            prefetch: bool = True, **adapter) -> dict:
+            prefetch_layers: int = 1, transport: str = "nccl", **adapter) -> dict:
     reference = adapted(family, peft_type, **adapter)
     sharded_model = copy.deepcopy(reference)
     if checkpointing:
         enable_checkpointing(reference)
         enable_checkpointing(sharded_model)
-    sharded = shard_frozen_base(sharded_model, decoder_layers(sharded_model), group=None)
-    sharded.prefetch = prefetch
+    sharded = shard_frozen_base(sharded_model, decoder_layers(sharded_model), group=None, transport=transport)
+    sharded.prefetch_layers = prefetch_layers
     watch = GatherWatch(sharded)
     if compiled:
         for layer in decoder_layers(sharded_model):
@@ -163,6 +164,9 @@ def call_orders(rank: int) -> dict:
     out = {}
     for name, pattern in PATTERNS.items():
         reference = adapted("llama")
+        # A second backward through a retained graph fails in graphs PyTorch compiled with donated
+        # buffers (the per-pair math on GPUs); these orders test the sharding, so keep it eager.
+        set_compute_path(reference, "dense", compiled=False)
         model = copy.deepcopy(reference)
         sharded = shard_frozen_base(model, decoder_layers(model), group=None)
         ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7 + rank)).to(DEVICE)
@@ -209,7 +213,7 @@ def main(out_dir: str, device: str = "cpu") -> None:
         DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(DEVICE)
     torch.manual_seed(0)
-    report = {"rank": rank, "world": tdist.get_world_size(), "cases": {}}
+    report = {"rank": rank, "world": tdist.get_world_size(), "device": device, "cases": {}}
     cases = report["cases"]
     for family in FAMILIES:
         cases[f"mixlora {family}"] = compare(family, "MIXLORA", rank)
@@ -218,7 +222,12 @@ def main(out_dir: str, device: str = "cpu") -> None:
     cases["checkpointing"] = compare("llama", "MIXLORA", rank, checkpointing=True)
     cases["compiled"] = compare("llama", "MIXLORA", rank, compiled=True)
     cases["compiled checkpointing"] = compare("qwen2", "MIXLORA", rank, checkpointing=True, compiled=True)
-    cases["no prefetch"] = compare("llama", "MIXLORA", rank, prefetch=False)
+    cases["no prefetch"] = compare("llama", "MIXLORA", rank, prefetch_layers=0)
+    cases["prefetch 2"] = compare("llama", "MIXLORA", rank, prefetch_layers=2)
+    if device == "cuda":  # symmetric memory and copy engines need GPUs
+        cases["copy engine"] = compare("llama", "MIXLORA", rank, transport="copy_engine")
+        cases["copy engine, compiled checkpointing"] = compare("qwen2", "MIXLORA", rank, checkpointing=True,
+                                                                compiled=True, transport="copy_engine")
     report["call_orders"] = call_orders(rank)
     report["cast"] = cast_on_sharding(rank)
     report["gathered"] = gathered_outside_forward(rank)

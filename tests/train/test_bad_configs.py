@@ -24,6 +24,9 @@ CASES = {
     "param_offload_without_deepspeed_zero3": (
         {"deepspeed__overrides": {"zero_optimization": {"offload_param": {"device": "cpu"}}}},
         ["zero_optimization.offload_param", "deepspeed.zero3_impl: deepspeed"]),
+    "copy_engine_gathers_on_cpu": ({"deepspeed__zero3_gather_transport": "copy_engine"},
+                                   ["deepspeed.zero3_gather_transport=copy_engine", "needs CUDA", "use auto or nccl"]),
+    "negative_prefetch": ({"deepspeed__zero3_prefetch_layers": -1}, ["deepspeed.zero3_prefetch_layers", ">= 0", "-1"]),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -18,7 +19,7 @@ def test_bench_zero_tiny_on_cpu(tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_zero.py"), "sweep", "--model", "tiny",
                         "--gpus", "1,2", "--cases", "plain,zero3", "--adapters", "mixlora", "--steps", "1",
                         "--warmup", "1", "--micro", "1", "--seq", "64", "--out", str(out), "--workdir", str(tmp_path),
-                        "--timeout", "240"],
+                        "--timeout", "240", "--trace", str(tmp_path / "traces")],
                        env=launch_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -27,3 +28,31 @@ def test_bench_zero_tiny_on_cpu(tmp_path):
         assert "error" not in r, r.get("error")
         assert r["tokens_per_s_per_gpu"] > 0 and r["peak_mem_gb"] > 0 and r["trainable"] > 0
     assert "x plain" in p.stdout  # the summary table
+    traces = sorted(f.name for f in (tmp_path / "traces").iterdir())
+    assert traces == ["trace_plain_mixlora_w1_r0.json.gz", "trace_zero3_mixlora_w1_r0.json.gz",
+                      "trace_zero3_mixlora_w2_r0.json.gz", "trace_zero3_mixlora_w2_r1.json.gz"]
+    with gzip.open(tmp_path / "traces" / traces[-1], "rt") as f:
+        assert any(e.get("ph") == "X" for e in json.load(f)["traceEvents"])
+
+
+def test_trace_summary_splits_gpu_time(tmp_path):
+    """Compute kernels at 0-100 and 150-250 us, an all-gather at 80-180 us: 50 us of it while the
+    compute stream idles (100-150), one idle gap, and CPU events ignored."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from trace_summary import summarize
+
+    def kernel(name, ts, dur, stream):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    events = [kernel("gemm", 0, 100, 7), kernel("gemm", 150, 100, 7),
+              kernel("ncclDevKernel_AllGather_RING_LL", 80, 100, 20),
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 400}]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = summarize(str(path), steps=1, gaps=5)
+    assert s["compute_stream"] == 7
+    assert s["span_ms_per_step"] == 0.25 and s["compute_busy_ms_per_step"] == 0.2
+    assert s["nccl_by_kind_ms_per_step"] == {"AllGather": 0.1}
+    assert s["nccl_while_compute_idle_ms_per_step"] == 0.05 and s["compute_idle_ms_per_step"] == 0.05
+    assert s["largest_idle_gaps"] == [{"at_ms": 0.1, "ms": 0.05, "nccl_during": ["AllGather"]}]
