@@ -36,7 +36,7 @@ Cases (the shipped configs, and levers on top of them in ``VARIANTS``):
                        without DeepSpeed, for comparison)
 
 Peak memory is what the caching allocator handed out, plus, with copy-engine gathers, the shards
-in symmetric memory (allocated outside it). ``--trace DIR`` writes ranks 0 and 1's timelines of two
+in symmetric memory where the allocator does not count them. ``--trace DIR`` writes ranks 0 and 1's timelines of two
 profiled steps; ``benchmarks/trace_summary.py`` says where their GPU time went.
 
 Python's garbage collection runs as the training loop runs it (``--gc-every``, the training
@@ -137,6 +137,22 @@ def peak_mem_gb(current: bool = False) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def symmetric_memory_uncounted_gb(sharded, device) -> float:
+    """The shards' symmetric memory when the caching allocator does not count it (PyTorch versions
+    differ: some allocate symmetric memory from a pool of the allocator, some beside it), else 0."""
+    import torch
+
+    from mixlora_ds.parallel import peer_copy
+
+    before = torch.cuda.memory_allocated(device)
+    probe = peer_copy.allocate(2**18, torch.uint8, device)
+    counted = torch.cuda.memory_allocated(device) > before
+    del probe
+    if counted:
+        return 0.0
+    return sum(s.shard_S.numel() * s.shard_S.element_size() for s in sharded.all_shards()) / 2**30
 
 
 def synchronize() -> None:
@@ -262,9 +278,8 @@ def run_case(args) -> dict:
     if device.type == "cuda":  # everything on the GPU, symmetric memory and NCCL's buffers included
         free, whole = torch.cuda.mem_get_info(device)
         result["device_used_gb"] = round((whole - free) / 2**30, 2)
-    if result["transport"] == "copy_engine":  # shards in symmetric memory, which the allocator does not count
-        result["peak_mem_gb"] += sum(s.shard_S.numel() * s.shard_S.element_size()
-                                     for s in built.sharded_base.all_shards()) / 2**30
+    if result["transport"] == "copy_engine":
+        result["peak_mem_gb"] += symmetric_memory_uncounted_gb(built.sharded_base, device)
     # Report the slowest rank: a step is as fast as its slowest participant.
     t = torch.tensor([dt, result["peak_mem_gb"]], dtype=torch.float64, device=device)
     dist.all_reduce_(t, "max")

@@ -4,9 +4,9 @@
 For each trace: the time span of the GPU work, how much of it the compute stream (the stream with
 the most non-NCCL kernel time) is busy, how much NCCL kernels and copies on side streams (gathers by
 copy engine) run, and how much of that time the compute stream sits idle (communication that
-compute does not hide). The compute stream's largest
-idle gaps are listed with the NCCL kernels that ran during them: a gap covered by an all-gather is
-a gather that was not hidden; an uncovered gap is the device waiting for the host.
+compute does not hide). The compute stream's largest idle gaps are listed with the communication
+that ran during them (NCCL kernels by kind, "copy" for side-stream copies): a gap covered by a
+gather is a gather that was not hidden; an uncovered gap is the device waiting for the host.
 
     python benchmarks/trace_summary.py traces/trace_zero3_mixlora_w2_r0.json.gz [more traces ...]
 """
@@ -78,8 +78,8 @@ def summarize(path: str, steps: int, gaps: int) -> dict:
     nccl_events = [e for e in events if is_nccl(e)]
     nccl = union(spans(nccl_events))
     idle = complement(compute, start, end)
-    side_copies = union(spans([e for e in events
-                               if e["cat"] == "gpu_memcpy" and e["args"].get("stream") != compute_stream]))
+    copy_events = [e for e in events if e["cat"] == "gpu_memcpy" and e["args"].get("stream") != compute_stream]
+    side_copies = union(spans(copy_events))
     nccl_exposed = intersect(nccl, idle)
     kinds: dict[str, float] = defaultdict(float)
     for e in nccl_events:
@@ -91,8 +91,9 @@ def summarize(path: str, steps: int, gaps: int) -> dict:
     biggest = sorted(idle, key=lambda g: g[0] - g[1])[:gaps]
     gap_rows = []
     for a, b in sorted(biggest):
-        during = sorted({nccl_kind(e["name"]) for e in nccl_events if e["ts"] < b and e["ts"] + e["dur"] > a})
-        gap_rows.append({"at_ms": round((a - start) / 1e3, 2), "ms": round((b - a) / 1e3, 3), "nccl_during": during})
+        during = sorted({nccl_kind(e["name"]) if is_nccl(e) else "copy" for e in nccl_events + copy_events
+                         if e["ts"] < b and e["ts"] + e["dur"] > a})
+        gap_rows.append({"at_ms": round((a - start) / 1e3, 2), "ms": round((b - a) / 1e3, 3), "during": during})
     return {
         "trace": path, "steps": steps, "compute_stream": compute_stream,
         "span_ms_per_step": per_step(end - start),

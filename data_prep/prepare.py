@@ -117,15 +117,25 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
                          **settings)
 
 
+_main_pid = os.getpid()  # the process that installed the handler (main() sets it)
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     # A batch scheduler ends jobs with SIGTERM: unwind like Ctrl-C so the temporary output
     # directory is removed and worker processes are stopped.
+    if os.getpid() != _main_pid:
+        # A worker forked before its initializer restored the default handler, terminated by the
+        # pool's shutdown: stop now. (Raising there can be swallowed by at-fork hooks, and a
+        # worker that lives on keeps the pool's shutdown waiting for ever.)
+        os._exit(128 + signum)
     request_stop()
     raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    global _main_pid
+    _main_pid = os.getpid()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     clear_stop()

@@ -6,7 +6,7 @@ starting on a 128-byte boundary, as GEMM and compiled kernels like their operand
 
 The parameters stay the ``nn.Parameter`` objects of their modules, each a fixed view into
 ``full_F``. Between uses the storage of ``full_F`` is freed (resized to zero bytes) and one
-all-gather refills it, so every view of it sees the weights again: the parameters, and whatever
+gather refills it, so every view of it sees the weights again: the parameters, and whatever
 autograd or a compiled graph saved for backward. Frozen weights never change, so nothing is ever
 written back.
 """
@@ -49,6 +49,8 @@ class FlatShard:
         the flat buffer."""
         if not params:
             raise ValueError(f"{name}: a flat shard needs at least one parameter")
+        if transport not in ("nccl", "copy_engine"):
+            raise ValueError(f"{name}: transport must be 'nccl' or 'copy_engine', got {transport!r}")
         kinds = {p.device for p in params} if dtype is not None else {(p.dtype, p.device) for p in params}
         if len(kinds) != 1:
             raise ValueError(f"{name}: one dtype and device per flat shard, got {sorted(map(str, kinds))}")
@@ -67,7 +69,11 @@ class FlatShard:
             self.offsets.append(end)
             end = math.ceil((end + shape.numel()) / align) * align
         self.shard_numel = math.ceil(end / self.world / align) * align
-        self.shard_S = torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device)
+        by_copy = transport == "copy_engine" and self.world > 1
+        if by_copy:  # in symmetric memory, where the other ranks can map it
+            self.shard_S = peer_copy.allocate(self.shard_numel, self.dtype, self.device)
+        else:
+            self.shard_S = torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device)
         lo, hi = self.rank * self.shard_numel, (self.rank + 1) * self.shard_numel
         for p, offset in zip(self.params, self.offsets):
             a, b = max(lo, offset), min(hi, offset + p.numel())
@@ -77,10 +83,10 @@ class FlatShard:
         self._work = None
         self.gathered = False
         self._peers = None
-        if transport == "copy_engine" and self.world > 1:
-            self.shard_S, self._peers, self._symm_handle = peer_copy.map_into_peers(self.shard_S, group)
-        self.copy_streams = max(1, self.world - 1)
-        """Side streams a gather by copy engine spreads its copies over."""
+        if by_copy:
+            self._peers, self._symm_handle = peer_copy.map_peers(self.shard_S, group)
+            self.copy_streams = self.world - 1
+            """Side streams a gather by copy engine spreads its copies over."""
 
     def take_over(self) -> None:
         """Point every parameter at its view of the full buffer, which is then freed. Separate from
@@ -121,7 +127,7 @@ class FlatShard:
         """Free the full weights; only this rank's slice stays."""
         if self.world == 1:
             return
-        if self._work is not None:  # never free memory a collective still writes
+        if self._work is not None:  # never free memory a gather still writes
             self.wait()
         self.full_F.untyped_storage().resize_(0)
         self.gathered = False

@@ -1,8 +1,8 @@
 """Gathers by copy engine: every rank maps the other ranks' frozen shards and copies them itself.
 
 An NCCL all-gather runs as a kernel on some of the GPU's SMs (24 of 132 on an H200 pair), for as
-long as the transfer takes; overlapped with the training step's kernels it slowed them by a sixth
-(7B MixLoRA, 2 H200s: compute kernels 171 ms a step instead of 143; BENCHMARKS.md). The GPUs of one
+long as the transfer takes; overlapped with the training step's kernels it slowed them by 13-20%
+(7B MixLoRA, 2 H200s: compute kernels 163-172 ms a step instead of 143-144; BENCHMARKS.md). The GPUs of one
 host can instead read each other's memory: with the shards in symmetric memory (mapped into every
 rank of the group once, at start), a gather is one ``cudaMemcpyAsync`` per rank, which the copy
 engines carry without any SM. And because frozen shards never change, no rank needs to wait for
@@ -23,44 +23,80 @@ import torch.distributed as tdist
 _streams: dict[tuple[int, int], torch.cuda.Stream] = {}
 
 
-def check_available(group, device: torch.device) -> str | None:
-    """None when gathers by copy engine work for ``group`` on ``device``, else why not. Collective."""
-    group = group or tdist.group.WORLD
-    if device.type != "cuda":
-        return f"the frozen base is on {device.type}, not CUDA"
+def _host_id() -> str:
+    """What tells hosts apart: the kernel's boot id (containers of one host share it, while their
+    hostnames may differ or all read "localhost"), else the hostname."""
     try:
-        import torch.distributed._symmetric_memory  # noqa: F401
-    except ImportError:
-        return f"this PyTorch ({torch.__version__}) has no symmetric memory"
-    hosts = [None] * tdist.get_world_size(group)
-    tdist.all_gather_object(hosts, socket.gethostname(), group=group)
-    if len(set(hosts)) > 1:
-        return f"the ranks of the group run on {len(set(hosts))} hosts; copy engines reach one host's GPUs only"
-    try:  # GPUs without peer access (some PCIe hosts, some VMs) cannot map each other's memory
-        map_into_peers(torch.zeros(256, device=device), group)
-        failure = None
-    except Exception as e:  # noqa: BLE001 - any failure means: not here
-        failure = f"mapping the other ranks' memory failed on {socket.gethostname()}: {e!r}"
-    failures = [None] * len(hosts)
-    tdist.all_gather_object(failures, failure, group=group)  # every rank decides alike
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def _agree(group, failure: str | None) -> str | None:
+    """Every rank's verdict, the first failure of any rank (collective: all ranks decide alike)."""
+    failures = [None] * tdist.get_world_size(group)
+    tdist.all_gather_object(failures, failure, group=group)
     return next((f for f in failures if f is not None), None)
 
 
-def map_into_peers(local: torch.Tensor, group) -> tuple[torch.Tensor, list[torch.Tensor], object]:
-    """Move ``local`` (1-D, the same size on every rank) into symmetric memory and map every rank's
-    copy. Collective. Returns (the new local tensor, one tensor per rank of the group aliasing that
-    rank's buffer, the handle that keeps the mappings alive)."""
+def check_available(group, device: torch.device) -> str | None:
+    """None when gathers by copy engine work for ``group`` on ``device``, else why not. Collective;
+    every rank returns the same answer."""
+    group = group or tdist.group.WORLD
+    if device.type != "cuda":  # the same on every rank of a run
+        return f"the frozen base is on {device.type}, not CUDA"
+    failure = None
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError:
+        failure = f"this PyTorch ({torch.__version__}) has no symmetric memory"
+    hosts = [None] * tdist.get_world_size(group)
+    tdist.all_gather_object(hosts, _host_id(), group=group)
+    if len(set(hosts)) > 1:
+        failure = f"the ranks of the group run on {len(set(hosts))} hosts; copy engines reach one host's GPUs only"
+    failure = _agree(group, failure)
+    if failure is not None:
+        return failure
+    # GPUs without peer access (some PCIe hosts, some VMs) cannot map each other's memory: try it.
+    # The allocation is local, so a rank that fails there says so before anyone enters the mapping.
+    try:
+        probe = allocate(256, torch.float32, device)
+    except Exception as e:  # noqa: BLE001 - any failure means: not here
+        failure = f"symmetric memory could not be allocated on {socket.gethostname()}: {e!r}"
+    if (failure := _agree(group, failure)) is not None:
+        return failure
+    try:
+        mapped = map_peers(probe, group)  # kept until every rank has mapped it (the _agree below)
+    except Exception as e:  # noqa: BLE001
+        failure, mapped = f"mapping the other ranks' memory failed on {socket.gethostname()}: {e!r}", None
+    failure = _agree(group, failure)
+    del mapped, probe
+    return failure
+
+
+def allocate(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed 1-D tensor in symmetric memory (``map_peers`` then maps it into every rank)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    return symm_mem.empty(numel, dtype=dtype, device=device).zero_()
+
+
+def map_peers(buf: torch.Tensor, group) -> tuple[list[torch.Tensor], object]:
+    """Map every rank's ``buf`` (from ``allocate``, the same size on every rank, its contents final:
+    frozen) into this rank. Collective. Returns one tensor per rank of the group aliasing that rank's
+    buffer, and the handle that keeps the mappings alive."""
     import torch.distributed._symmetric_memory as symm_mem
 
     group = group or tdist.group.WORLD
-    buf = symm_mem.empty(local.numel(), dtype=local.dtype, device=local.device)
-    buf.copy_(local)
+    # Peers may read ``buf`` as soon as the mapping exists: what was queued to fill it must be done.
+    torch.cuda.current_stream(buf.device).synchronize()
     with warnings.catch_warnings():  # needed before PyTorch 2.9, a deprecated no-op after
         warnings.simplefilter("ignore", FutureWarning)
         symm_mem.enable_symm_mem_for_group(group.group_name)
     handle = symm_mem.rendezvous(buf, group.group_name)
-    peers = [handle.get_buffer(r, (local.numel(),), local.dtype) for r in range(tdist.get_world_size(group))]
-    return buf, peers, handle
+    peers = [handle.get_buffer(r, (buf.numel(),), buf.dtype) for r in range(tdist.get_world_size(group))]
+    return peers, handle
 
 
 def copy_stream(device: torch.device, index: int) -> torch.cuda.Stream:
@@ -73,13 +109,14 @@ def copy_stream(device: torch.device, index: int) -> torch.cuda.Stream:
 
 
 class PeerCopies:
-    """Pending copies of one gather: ``wait`` makes the current stream wait for all of them."""
+    """Pending copies of one gather: ``wait`` makes the device's current stream wait for all of them."""
 
-    def __init__(self, events: list[torch.cuda.Event]):
+    def __init__(self, device: torch.device, events: list[torch.cuda.Event]):
+        self.device = device
         self.events = events
 
     def wait(self) -> None:
-        stream = torch.cuda.current_stream()
+        stream = torch.cuda.current_stream(self.device)
         for e in self.events:
             stream.wait_event(e)
 
@@ -88,7 +125,8 @@ def gather_by_copy(full: torch.Tensor, peers: list[torch.Tensor], rank: int, str
     """Start copying every rank's shard (``peers[r]``) into its slice of ``full``, own slice first,
     spread over ``streams`` side streams. ``full``'s memory comes from the current stream, so the
     copies start after what that stream has queued so far (which may still read that memory's
-    previous contents); they need not wait for any other rank."""
+    previous contents); they need not wait for any other rank. The memory is marked as used by
+    the side streams, so freeing it never hands it on while a copy may still write it."""
     n, world = peers[0].numel(), len(peers)
     current = torch.cuda.current_stream(full.device)
     used: list[torch.cuda.Stream] = []
@@ -97,7 +135,8 @@ def gather_by_copy(full: torch.Tensor, peers: list[torch.Tensor], rank: int, str
         stream = copy_stream(full.device, step % streams)
         if stream not in used:
             stream.wait_stream(current)
+            full.record_stream(stream)
             used.append(stream)
         with torch.cuda.stream(stream):
             full[r * n:(r + 1) * n].copy_(peers[r])
-    return PeerCopies([stream.record_event() for stream in used])
+    return PeerCopies(full.device, [stream.record_event() for stream in used])

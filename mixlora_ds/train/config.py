@@ -156,8 +156,8 @@ class DeepSpeedSection:
     (``zero3_gather_transport``, ``zero3_prefetch_layers``; ``mixlora_ds.parallel``); DeepSpeed's
     engine then runs stage 2 for the trainable adapter (its gradients and optimizer state
     partitioned, the adapter itself replicated). Works with ``model.compile``: 7B MixLoRA on 2 / 4
-    H200s ran 3.6x / 4.4x the tokens/s of "deepspeed", which cannot compile the layers
-    (BENCHMARKS.md). The stage-3-only keys of the DeepSpeed config are not used; parameter offload,
+    H200s ran 3.6x / 4.4x the tokens/s of "deepspeed", which cannot compile the layers (with NCCL
+    gathers; BENCHMARKS.md). The stage-3-only keys of the DeepSpeed config are not used; parameter offload,
     NVMe or partial optimizer offload and quantized weights or gradients are refused. "deepspeed":
     DeepSpeed's own stage-3 engine (gathers from hooks on every module; partitions the adapter too
     when it is larger than ``stage3_param_persistence_threshold``)."""

@@ -233,3 +233,25 @@ def test_mistyped_settings(tmp_path, tokenizer_dir, capsys):
                            *(["--seq-len", "64"] if "seq_len" not in setting else []))
         assert code == 2 and fragment in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
+
+
+def test_sigterm_handler_stops_a_forked_worker_at_once():
+    """A pool worker forked before its initializer ran still has the job's SIGTERM handler; the
+    pool's shutdown terminates it, and it must die (exit 143), not unwind like the job, which an
+    at-fork hook can swallow and so leave the pool's shutdown waiting for ever (seen in CI)."""
+    import multiprocessing as mp
+    import signal
+
+    from data_prep import prepare as prepare_cli
+    from mixlora_ds.data.pipeline import _STOP, clear_stop
+
+    worker = mp.get_context("fork").Process(target=prepare_cli._exit_on_sigterm, args=(signal.SIGTERM, None))
+    worker.start()
+    worker.join(timeout=60)
+    assert worker.exitcode == 128 + signal.SIGTERM
+    try:  # in the job's own process: stop requested, unwinding like Ctrl-C
+        with pytest.raises(KeyboardInterrupt):
+            prepare_cli._exit_on_sigterm(signal.SIGTERM, None)
+        assert _STOP.is_set()
+    finally:
+        clear_stop()

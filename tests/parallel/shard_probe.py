@@ -5,9 +5,9 @@ For tiny models (4 decoder layers) of every family with MixLoRA (random adapter 
 DoRA baselines, each rank compares the model with its frozen base sharded (``shard_frozen_base``)
 against the same model unsharded, on this rank's own input: logits, the loss, and the gradient of
 every trainable tensor, in training mode with and without activation checkpointing, with a
-compiled layer forward, without prefetching and two layers ahead, and in an evaluation forward
-(on GPUs also gathered by copy engine); and in the orders of calls a caller may use besides
-forward-then-backward. It also records how much of the base each rank holds, how many layers hold
+compiled layer forward, without prefetching, two layers ahead and past the last layer, and in an
+evaluation forward (on GPUs also gathered by copy engine); and in the orders of calls a caller may
+use besides forward-then-backward. It also records how much of the base each rank holds, how many layers hold
 memory at once in forward and in backward, and that nothing holds memory after a step.
 """
 
@@ -130,6 +130,7 @@ def compare(family: str, peft_type: str, rank: int, checkpointing: bool = False,
     out["holding_after_eval"] = holding(sharded)
     out["peak_layers_forward"], out["peak_layers_backward"] = watch.forward, watch.backward
     out["layers"] = len(sharded.units)
+    out["transport"] = sharded.transport
     return out
 
 
@@ -224,6 +225,7 @@ def main(out_dir: str, device: str = "cpu") -> None:
     cases["compiled checkpointing"] = compare("qwen2", "MIXLORA", rank, checkpointing=True, compiled=True)
     cases["no prefetch"] = compare("llama", "MIXLORA", rank, prefetch_layers=0)
     cases["prefetch 2"] = compare("llama", "MIXLORA", rank, prefetch_layers=2)
+    cases["prefetch past the last layer"] = compare("llama", "MIXLORA", rank, prefetch_layers=9)
     if device == "cuda":  # symmetric memory and copy engines need GPUs
         cases["copy engine"] = compare("llama", "MIXLORA", rank, transport="copy_engine")
         cases["copy engine, compiled checkpointing"] = compare("qwen2", "MIXLORA", rank, checkpointing=True,

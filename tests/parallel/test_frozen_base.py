@@ -39,7 +39,7 @@ def reports(tmp_path_factory):
 
 def test_sharded_model_equals_unsharded_in_forward_backward_and_eval(reports):
     for report in reports:
-        assert len(report["cases"]) == (16 if report["device"] == "cuda" else 14)
+        assert len(report["cases"]) == (17 if report["device"] == "cuda" else 15)
         for name, case in report["cases"].items():
             for i, s in enumerate(case["steps"]):
                 where = f"rank {report['rank']}, {name}, step {i}"
@@ -60,14 +60,20 @@ def test_each_rank_holds_half_and_frees_what_it_gathers(reports):
 
 def test_at_most_the_running_layer_and_the_prefetched_ones_hold_memory(reports):
     """The layer that runs and the ones in flight (one by default, none without prefetching, two
-    with ``prefetch_layers=2``), in forward and in backward alike: a layer's weights are freed as
-    soon as its backward is done."""
+    with ``prefetch_layers=2``, all 4 when it exceeds the layers), in forward and in backward alike:
+    a layer's weights are freed as soon as its backward is done."""
     for report in reports:
         for name, case in report["cases"].items():
             assert case["layers"] == 4
-            most = {"no prefetch": 1, "prefetch 2": 3}.get(name, 2)
+            most = {"no prefetch": 1, "prefetch 2": 3, "prefetch past the last layer": 4}.get(name, 2)
             assert case["peak_layers_forward"] == most, (name, case["peak_layers_forward"])
             assert case["peak_layers_backward"] == most, (name, case["peak_layers_backward"])
+
+
+def test_gathers_use_the_transport_asked_for(reports):
+    for report in reports:
+        for name, case in report["cases"].items():
+            assert case["transport"] == ("copy_engine" if name.startswith("copy engine") else "nccl"), name
 
 
 def test_other_orders_of_forward_and_backward(reports):

@@ -37,7 +37,8 @@ def test_bench_zero_tiny_on_cpu(tmp_path):
 
 def test_trace_summary_splits_gpu_time(tmp_path):
     """Compute kernels at 0-100 and 150-250 us, an all-gather at 80-180 us: 50 us of it while the
-    compute stream idles (100-150), one idle gap, and CPU events ignored."""
+    compute stream idles (100-150), one idle gap; a side-stream copy at 120-170 us, 30 us of it in
+    that gap; a copy on the compute stream counts as compute; CPU events ignored."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from trace_summary import summarize
 
@@ -46,6 +47,8 @@ def test_trace_summary_splits_gpu_time(tmp_path):
 
     events = [kernel("gemm", 0, 100, 7), kernel("gemm", 150, 100, 7),
               kernel("ncclDevKernel_AllGather_RING_LL", 80, 100, 20),
+              dict(kernel("Memcpy DtoD (Device -> Device)", 120, 50, 30), cat="gpu_memcpy"),
+              dict(kernel("Memcpy DtoD (Device -> Device)", 0, 10, 7), cat="gpu_memcpy"),
               {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 400}]
     path = tmp_path / "t.json.gz"
     with gzip.open(path, "wt") as f:
@@ -55,4 +58,6 @@ def test_trace_summary_splits_gpu_time(tmp_path):
     assert s["span_ms_per_step"] == 0.25 and s["compute_busy_ms_per_step"] == 0.2
     assert s["nccl_by_kind_ms_per_step"] == {"AllGather": 0.1}
     assert s["nccl_while_compute_idle_ms_per_step"] == 0.05 and s["compute_idle_ms_per_step"] == 0.05
-    assert s["largest_idle_gaps"] == [{"at_ms": 0.1, "ms": 0.05, "nccl_during": ["AllGather"]}]
+    assert s["side_stream_copies_ms_per_step"] == 0.05
+    assert s["side_stream_copies_while_compute_idle_ms_per_step"] == 0.03
+    assert s["largest_idle_gaps"] == [{"at_ms": 0.1, "ms": 0.05, "during": ["AllGather", "copy"]}]
