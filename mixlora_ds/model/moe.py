@@ -107,7 +107,9 @@ def moe_blocks(model: nn.Module) -> list[MixLoraMoeBlock]:
 def set_compute_path(model: nn.Module, path: str, compiled: bool | None = None) -> None:
     """Choose how every MixLoRA block computes its experts; ``compiled`` (dense path only) fuses the
     per-pair element-wise work with torch.compile, worth ~5% of a 7B training step on an H100
-    (None: on CUDA devices only, the default)."""
+    (None: on CUDA devices only, the default). Compiled, a second backward through a retained graph
+    (``backward(retain_graph=True)`` twice) needs ``torch._functorch.config.donated_buffer = False``
+    (PyTorch's donated buffers; seen on H200s), or ``compiled=False``."""
     if path not in COMPUTE_PATHS:
         raise ValueError(f"compute path must be one of {COMPUTE_PATHS}, got {path!r}")
     if compiled and path != "dense":  # None and False are fine for any path
