@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from mixlora_ds.data.encode import OVERLONG_POLICIES
 from mixlora_ds.data.errors import DataError
-from mixlora_ds.data.pipeline import PrepareConfig, clear_stop, prepare, request_stop
+from mixlora_ds.data.pipeline import PrepareConfig, clear_stop, forking, prepare, request_stop
 from mixlora_ds.data.sources import SourceSpec, load_mixture, parse_input_arg
 from mixlora_ds.data.templates import INSTRUCTION_TEMPLATES
 
@@ -129,7 +129,8 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
         # worker that lives on keeps the pool's shutdown waiting for ever.)
         os._exit(128 + signum)
     request_stop()
-    raise KeyboardInterrupt
+    if not forking():  # while workers are forked, the pipeline stops right after instead
+        raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,6 +58,16 @@ def _check_stop() -> None:
         raise KeyboardInterrupt
 
 
+_FORKING = threading.Event()
+
+
+def forking() -> bool:
+    """True while worker processes are being forked: a SIGTERM handler must not raise then, since
+    an exception inside a library's at-fork hooks (filelock has some) can be swallowed or leave
+    them half-done (both seen in CI). ``_run_chunks`` checks for a stop right after."""
+    return _FORKING.is_set()
+
+
 @dataclass
 class PrepareConfig:
     """Settings of one prepare run (CLI flags and mixture-file keys map onto these)."""
@@ -187,8 +197,13 @@ def _run_chunks(chunks: Iterable, config: PrepareConfig, settings: EncodeSetting
     # bookkeeping writes would copy most of the parent's (torch-sized) heap into every child.
     gc.freeze()
     try:
-        with ctx.Pool(config.num_proc, initializer=encode_mod.init_worker,
-                      initargs=(settings, rules)) as pool:
+        _FORKING.set()
+        try:
+            pool = ctx.Pool(config.num_proc, initializer=encode_mod.init_worker, initargs=(settings, rules))
+        finally:
+            _FORKING.clear()
+        with pool:
+            _check_stop()  # a SIGTERM while forking only requested the stop
             pending: deque = deque()
             for chunk in chunks:
                 pending.append(pool.apply_async(encode_mod.encode_in_worker, (chunk,)))

@@ -255,3 +255,23 @@ def test_sigterm_handler_stops_a_forked_worker_at_once():
         assert _STOP.is_set()
     finally:
         clear_stop()
+
+
+def test_sigterm_while_workers_are_forked_only_requests_the_stop():
+    """While the pool forks its workers the handler must not raise (at-fork hooks could swallow the
+    exception or be left half-done); the pipeline checks for the stop right after."""
+    import signal
+
+    from data_prep import prepare as prepare_cli
+    from mixlora_ds.data import pipeline
+
+    try:
+        pipeline._FORKING.set()
+        prepare_cli._exit_on_sigterm(signal.SIGTERM, None)  # no KeyboardInterrupt
+        assert pipeline._STOP.is_set()
+        pipeline._FORKING.clear()
+        with pytest.raises(KeyboardInterrupt):
+            pipeline._check_stop()
+    finally:
+        pipeline._FORKING.clear()
+        pipeline.clear_stop()
