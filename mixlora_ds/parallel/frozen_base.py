@@ -76,14 +76,14 @@ class ShardedFrozenBase:
     that gather them around their use. Build it with :func:`shard_frozen_base`."""
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], layer_units: list[Unit],
-                 outer: Unit | None, outer_modules: list[nn.Module]):
+                 outer: Unit | None, outer_modules: list[nn.Module], transport: str = "nccl"):
         self.layers = list(layers)
         self.units = layer_units
         self.outer = outer
         self.prefetch_layers = 1
         """How many layers ahead gathers start (0: each layer waits for its own gather)."""
         self.in_backward = False
-        self.transport = "nccl"
+        self.transport = transport
         """How units are gathered ("nccl" or "copy_engine", ``FlatShard``), for logs."""
         self._handles = []
         self._handles.append(model.register_forward_pre_hook(self._model_pre_forward))
@@ -287,9 +287,7 @@ def shard_frozen_base(model: nn.Module, layers: Sequence[nn.Module], group: tdis
     owned = {id(p) for p in outer_params}
     outer_modules = [m for m in model.modules()
                      if any(id(p) in owned for p in m.parameters(recurse=False))]
-    sharded = ShardedFrozenBase(model, layers, layer_units, outer, outer_modules)
-    sharded.transport = transport
-    return sharded
+    return ShardedFrozenBase(model, layers, layer_units, outer, outer_modules, transport)
 
 
 @contextlib.contextmanager

@@ -51,12 +51,12 @@ def check_available(group, device: torch.device) -> str | None:
         import torch.distributed._symmetric_memory  # noqa: F401
     except ImportError:
         failure = f"this PyTorch ({torch.__version__}) has no symmetric memory"
-    hosts = [None] * tdist.get_world_size(group)
-    tdist.all_gather_object(hosts, _host_id(), group=group)
-    if len(set(hosts)) > 1:
-        failure = f"the ranks of the group run on {len(set(hosts))} hosts; copy engines reach one host's GPUs only"
-    failure = _agree(group, failure)
-    if failure is not None:
+    ranks = [None] * tdist.get_world_size(group)
+    tdist.all_gather_object(ranks, (_host_id(), failure), group=group)
+    hosts = {host for host, _ in ranks}
+    if len(hosts) > 1:
+        return f"the ranks of the group run on {len(hosts)} hosts; copy engines reach one host's GPUs only"
+    if (failure := next((f for _, f in ranks if f is not None), None)) is not None:
         return failure
     # GPUs without peer access (some PCIe hosts, some VMs) cannot map each other's memory: try it.
     # The allocation is local, so a rank that fails there says so before anyone enters the mapping.

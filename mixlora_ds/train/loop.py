@@ -325,8 +325,8 @@ class Trainer:
     def save(self, reason: str, data_state: dict[str, Any] | None = None) -> None:
         t = time.time()
         data_state = data_state if data_state is not None else self.train_stream.state_dict()
-        path = self.ckpt.save(self.engine, self.step, {"data": data_state},
-                              self.run_config_yaml, self.plan.ds_config, {"reason": reason, "engine_stage": self.engine_stage})
+        path = self.ckpt.save(self.engine, self.step, {"data": data_state}, self.run_config_yaml,
+                              self.plan.ds_config, {"reason": reason, "engine_stage": self.engine_stage})
         log.info("checkpoint %s (%s) in %.1fs", path, reason, time.time() - t)
 
     def export(self) -> None:
