@@ -25,7 +25,6 @@ Cases (the shipped configs, and levers on top of them in ``VARIANTS``):
     zero3_no_prefetch  zero3 gathering each layer only when it is reached (what prefetch buys)
     zero3_prefetch2    zero3 starting each layer's gather two layers ahead instead of one
     zero3_nccl         zero3 gathering by NCCL all-gathers (on SMs) instead of copy engines
-    zero3_ce_one_stream  zero3's copy-engine gathers on one side stream instead of one per peer
     zero2_ds_defaults  zero2 with DeepSpeed's usual overflow check, overlap_comm, contiguous gradients
     zero1              zero2's settings at stage 1
     zero2_overlap      zero2 reducing gradients on a side stream, overlapped with backward
@@ -81,7 +80,6 @@ VARIANTS = {
     "zero3_no_prefetch": ("zero3", {}, {"zero3_prefetch_layers": 0}),
     "zero3_prefetch2": ("zero3", {}, {"zero3_prefetch_layers": 2}),
     "zero3_nccl": ("zero3", {}, {"zero3_gather_transport": "nccl"}),
-    "zero3_ce_one_stream": ("zero3", {}, {"zero3_gather_transport": "copy_engine"}),
     "zero2_ds_defaults": ("zero2", {"bf16": {"check_grad_overflow": True}, "zero_optimization": USUAL_BUCKETS}, {}),
     "zero1": ("zero2", {"zero_optimization": {"stage": 1}}, {}),
     "zero2_overlap": ("zero2", {"zero_optimization": USUAL_BUCKETS}, {}),
@@ -205,9 +203,6 @@ def run_case(args) -> dict:
             with torch.device(device):
                 built = build_model(cfg, ds_config, precision, stage)
         model = start_engine(built, engine_ds_config(cfg, ds_config))
-        if args.case == "zero3_ce_one_stream":
-            for shard in built.sharded_base.all_shards():
-                shard.copy_streams = 1
     total, trainable = count_parameters(built.model)
     allocated_after_build = peak_mem_gb(current=True)
     vocab = MODELS[args.model]["vocab_size"]

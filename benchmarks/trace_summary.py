@@ -7,6 +7,8 @@ copy engine) run, and how much of that time the compute stream sits idle (commun
 compute does not hide). The compute stream's largest idle gaps are listed with the communication
 that ran during them (NCCL kernels by kind, "copy" for side-stream copies): a gap covered by a
 gather is a gather that was not hidden; an uncovered gap is the device waiting for the host.
+With compiled layers, the host's time from one layer's compiled call to the next (median, forward
+and backward) shows what runs between layers on the host: hooks, gradient bookkeeping, launches.
 
     python benchmarks/trace_summary.py traces/trace_zero3_mixlora_w2_r0.json.gz [more traces ...]
 """
@@ -19,13 +21,24 @@ import json
 from collections import defaultdict
 
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+COMPILED_FORWARD, COMPILED_BACKWARD = "Torch-Compiled Region", "CompiledFunctionBackward"
 
 
-def load_gpu_events(path: str) -> list[dict]:
+def load_events(path: str) -> list[dict]:
+    """The trace's complete events (``ph`` "X") of positive duration."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         events = json.load(f)["traceEvents"]
-    return [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATS and e.get("dur", 0) > 0]
+    return [e for e in events if e.get("ph") == "X" and e.get("dur", 0) > 0]
+
+
+def host_us_between_layers(events: list[dict], name_prefix: str) -> float | None:
+    """Median host time from the end of one compiled layer call (events named ``name_prefix``...)
+    to the start of the next; None without two such calls."""
+    calls = sorted((e for e in events if e.get("cat") == "cpu_op" and e["name"].startswith(name_prefix)),
+                   key=lambda e: e["ts"])
+    between = sorted(b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(calls, calls[1:]))
+    return round(between[len(between) // 2], 1) if between else None
 
 
 def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -65,7 +78,8 @@ def is_nccl(e: dict) -> bool:
 
 
 def summarize(path: str, steps: int, gaps: int) -> dict:
-    events = load_gpu_events(path)
+    everything = load_events(path)
+    events = [e for e in everything if e.get("cat") in GPU_CATS]
     if not events:
         raise SystemExit(f"{path}: no GPU events (a CPU run, or the profiler saw no CUDA activity)")
     by_stream: dict[int, list[dict]] = defaultdict(list)
@@ -81,6 +95,7 @@ def summarize(path: str, steps: int, gaps: int) -> dict:
     copy_events = [e for e in events if e["cat"] == "gpu_memcpy" and e["args"].get("stream") != compute_stream]
     side_copies = union(spans(copy_events))
     nccl_exposed = intersect(nccl, idle)
+    uncovered = intersect(idle, complement(union(spans(nccl_events + copy_events)), start, end))
     kinds: dict[str, float] = defaultdict(float)
     for e in nccl_events:
         kinds[nccl_kind(e["name"])] += e["dur"]
@@ -105,7 +120,10 @@ def summarize(path: str, steps: int, gaps: int) -> dict:
         "nccl_while_compute_idle_ms_per_step": per_step(length(nccl_exposed)),
         "side_stream_copies_ms_per_step": per_step(length(side_copies)),
         "side_stream_copies_while_compute_idle_ms_per_step": per_step(length(intersect(side_copies, idle))),
+        "compute_idle_without_communication_ms_per_step": per_step(length(uncovered)),
         "idle_gaps": len(idle),
+        "host_us_between_compiled_layers": {"forward": host_us_between_layers(everything, COMPILED_FORWARD),
+                                            "backward": host_us_between_layers(everything, COMPILED_BACKWARD)},
         "largest_idle_gaps": gap_rows,
     }
 

@@ -83,10 +83,9 @@ class FlatShard:
         self._work = None
         self.gathered = False
         self._peers = None
+        self._by_copy: peer_copy.PeerGather | None = None  # built by take_over, once full_F exists
         if by_copy:
             self._peers, self._symm_handle = peer_copy.map_peers(self.shard_S, group)
-            self.copy_streams = self.world - 1
-            """Side streams a gather by copy engine spreads its copies over."""
 
     def take_over(self) -> None:
         """Point every parameter at its view of the full buffer, which is then freed. Separate from
@@ -96,6 +95,8 @@ class FlatShard:
         else:  # allocated to be laid out, freed at once: its memory comes back with each gather
             self.full_F = torch.empty(self.shard_numel * self.world, dtype=self.dtype, device=self.device)
         self._full_bytes = self.full_F.untyped_storage().nbytes()
+        if self._peers is not None:
+            self._by_copy = peer_copy.PeerGather(self.full_F, self._peers, self.rank)
         for p, shape, offset in zip(self.params, self.shapes, self.offsets):
             p.data = self.full_F[offset:offset + shape.numel()].view(shape)
             setattr(p, SHARD_ATTR, self)
@@ -105,12 +106,13 @@ class FlatShard:
     # --------------------------------------------------------------------------------- state
     def unshard(self) -> None:
         """Start gathering the full weights. Over NCCL a collective (every rank calls it in the same
-        order); by copy engine each rank's own business, on side streams."""
+        order); by copy engine each rank's own business, on a side stream."""
         if self.gathered or self._work is not None:
             return
         self.full_F.untyped_storage().resize_(self._full_bytes)
-        if self._peers is not None:
-            self._work = peer_copy.gather_by_copy(self.full_F, self._peers, self.rank, self.copy_streams)
+        if self._by_copy is not None:
+            self._by_copy.start()
+            self._work = self._by_copy
         else:
             self._work = _all_gather(self.full_F, self.shard_S, group=self.group, async_op=True)
 

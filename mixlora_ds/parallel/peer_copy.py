@@ -20,7 +20,7 @@ import warnings
 import torch
 import torch.distributed as tdist
 
-_streams: dict[tuple[int, int], torch.cuda.Stream] = {}
+_streams: dict[int, torch.cuda.Stream] = {}
 
 
 def _host_id() -> str:
@@ -99,44 +99,54 @@ def map_peers(buf: torch.Tensor, group) -> tuple[list[torch.Tensor], object]:
     return peers, handle
 
 
-def copy_stream(device: torch.device, index: int) -> torch.cuda.Stream:
-    """The ``index``-th side stream of ``device`` for peer copies (copies on separate streams can
-    run on separate copy engines at once)."""
-    key = (device.index, index)
-    if key not in _streams:
-        _streams[key] = torch.cuda.Stream(device)
-    return _streams[key]
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream of ``device`` that every gather by copy engine runs on, in the order issued.
+    (One is enough: the copies share the GPU's NVLink bandwidth, and spread over a stream per peer
+    they took as long, 63 ms a step at 4 H200s against 60 on one stream; BENCHMARKS.md.)"""
+    if device.index not in _streams:
+        _streams[device.index] = torch.cuda.Stream(device)
+    return _streams[device.index]
 
 
-class PeerCopies:
-    """Pending copies of one gather: ``wait`` makes the device's current stream wait for all of them."""
+class PeerGather:
+    """The gather of one flat buffer: copy every rank's shard (``peers[r]``) into its slice of
+    ``full``, own slice first, then the others in ring order from this rank (so the ranks start on
+    different peers), on the copy stream.
 
-    def __init__(self, device: torch.device, events: list[torch.cuda.Event]):
-        self.device = device
-        self.events = events
+    Built once per buffer and restarted for every gather, so a gather costs the host only its copies
+    and two events: it runs once per layer in forward and again in backward, on the host's critical
+    path when the step is host-bound.
+    """
+
+    def __init__(self, full: torch.Tensor, peers: list[torch.Tensor], rank: int):
+        n, world = peers[0].numel(), len(peers)
+        # Views of ``full`` follow its storage when it is freed and allocated again.
+        self.copies = [(full[r * n:(r + 1) * n], peers[r]) for r in ((rank + s) % world for s in range(world))]
+        self.stream = copy_stream(full.device)
+        self.ready, self.done = torch.cuda.Event(), torch.cuda.Event()
+        self.allocating_stream: torch.cuda.Stream | None = None
+
+    def start(self) -> None:
+        """Start the copies. ``full``'s memory has just been allocated on the current stream, so they
+        start after what that stream has queued so far (which may still use that memory's previous
+        contents); they need not wait for any other rank."""
+        current = torch.cuda.current_stream(self.stream.device)
+        self.ready.record(current)
+        self.stream.wait_event(self.ready)
+        torch.cuda.set_stream(self.stream)
+        try:
+            for dst, src in self.copies:
+                dst.copy_(src)
+        finally:
+            torch.cuda.set_stream(current)
+        self.done.record(self.stream)
+        self.allocating_stream = current
 
     def wait(self) -> None:
-        stream = torch.cuda.current_stream(self.device)
-        for e in self.events:
-            stream.wait_event(e)
-
-
-def gather_by_copy(full: torch.Tensor, peers: list[torch.Tensor], rank: int, streams: int) -> PeerCopies:
-    """Start copying every rank's shard (``peers[r]``) into its slice of ``full``, own slice first,
-    spread over ``streams`` side streams. ``full``'s memory comes from the current stream, so the
-    copies start after what that stream has queued so far (which may still read that memory's
-    previous contents); they need not wait for any other rank. The memory is marked as used by
-    the side streams, so freeing it never hands it on while a copy may still write it."""
-    n, world = peers[0].numel(), len(peers)
-    current = torch.cuda.current_stream(full.device)
-    used: list[torch.cuda.Stream] = []
-    for step in range(world):
-        r = (rank + step) % world
-        stream = copy_stream(full.device, step % streams)
-        if stream not in used:
-            stream.wait_stream(current)
-            full.record_stream(stream)
-            used.append(stream)
-        with torch.cuda.stream(stream):
-            full[r * n:(r + 1) * n].copy_(peers[r])
-    return PeerCopies(full.device, [stream.record_event() for stream in used])
+        """Make the current stream wait for the copies. Freed memory goes back to the stream that
+        allocated it, for that stream's next allocations: that stream waits too, so the memory is
+        never handed on while a copy may still write it."""
+        current = torch.cuda.current_stream(self.stream.device)
+        current.wait_event(self.done)
+        if current != self.allocating_stream:
+            self.allocating_stream.wait_event(self.done)

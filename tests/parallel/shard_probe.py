@@ -8,7 +8,8 @@ every trainable tensor, in training mode with and without activation checkpointi
 compiled layer forward, without prefetching, two layers ahead and past the last layer, and in an
 evaluation forward (on GPUs also gathered by copy engine); and in the orders of calls a caller may
 use besides forward-then-backward. It also records how much of the base each rank holds, how many layers hold
-memory at once in forward and in backward, and that nothing holds memory after a step.
+memory at once in forward and in backward, and what stays gathered after a step (what the next
+forward needs first) and after an evaluation forward (nothing).
 """
 
 from __future__ import annotations
@@ -76,26 +77,26 @@ def live(units) -> int:
 
 class GatherWatch:
     """The largest number of layer units holding memory at once: at every layer's forward entry, and
-    after every step of backward (gathering a layer, freeing one)."""
+    after every layer's step of backward (freeing the layer above, gathering the next ones)."""
 
     def __init__(self, sharded):
         self.sharded, self.forward, self.backward = sharded, 0, 0
         for layer in sharded.layers:
             layer.register_forward_pre_hook(self.look_forward)
-        for name in ("_before_layer_backward", "_after_layer_backward"):
-            original = getattr(sharded, name)
+        original = sharded._before_layer_backward
 
-            def watched(i, original=original):
-                original(i)
-                self.backward = max(self.backward, live(self.sharded.units))
-            setattr(sharded, name, watched)
+        def watched(i):
+            original(i)
+            self.backward = max(self.backward, live(self.sharded.units))
+        sharded._before_layer_backward = watched
 
     def look_forward(self, module, args):
         self.forward = max(self.forward, live(self.sharded.units))
 
 
 def holding(sharded) -> list[str]:
-    return [s.name for s in sharded.all_shards() if s.live_bytes > 0]
+    """The units holding memory, by name ("outer", "layer 0", ...)."""
+    return sorted({s.name.split("[")[0] for s in sharded.all_shards() if s.live_bytes > 0})
 
 
 def compare(family: str, peft_type: str, rank: int, checkpointing: bool = False, compiled: bool = False,
@@ -113,7 +114,7 @@ def compare(family: str, peft_type: str, rank: int, checkpointing: bool = False,
             layer.forward = torch.compile(layer.forward, backend="aot_eager")
     held, full = sharded.held_numel()
     g = torch.Generator().manual_seed(100 + rank)
-    out = {"held": held, "full": full, "steps": []}
+    out = {"held": held, "full": full, "prefetch_layers": prefetch_layers, "steps": []}
     for _ in range(2):  # state must reset between steps
         ids = torch.randint(3, VOCAB, (2, 12), generator=g).to(DEVICE)
         ref_logits, ref_loss, ref_grads = step(reference, ids)

@@ -38,7 +38,8 @@ def test_bench_zero_tiny_on_cpu(tmp_path):
 def test_trace_summary_splits_gpu_time(tmp_path):
     """Compute kernels at 0-100 and 150-250 us, an all-gather at 80-180 us: 50 us of it while the
     compute stream idles (100-150), one idle gap; a side-stream copy at 120-170 us, 30 us of it in
-    that gap; a copy on the compute stream counts as compute; CPU events ignored."""
+    that gap; a copy on the compute stream counts as compute. On the host, compiled layer calls
+    at 0-10, 30-40 and 100-110 us (forward; 20 and 60 us between them) and one in backward."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from trace_summary import summarize
 
@@ -50,6 +51,9 @@ def test_trace_summary_splits_gpu_time(tmp_path):
               dict(kernel("Memcpy DtoD (Device -> Device)", 120, 50, 30), cat="gpu_memcpy"),
               dict(kernel("Memcpy DtoD (Device -> Device)", 0, 10, 7), cat="gpu_memcpy"),
               {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 400}]
+    events += [{"ph": "X", "cat": "cpu_op", "name": "Torch-Compiled Region: 0/0", "ts": ts, "dur": 10}
+               for ts in (0, 30, 100)]
+    events.append({"ph": "X", "cat": "cpu_op", "name": "CompiledFunctionBackward", "ts": 200, "dur": 10})
     path = tmp_path / "t.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
@@ -61,3 +65,5 @@ def test_trace_summary_splits_gpu_time(tmp_path):
     assert s["side_stream_copies_ms_per_step"] == 0.05
     assert s["side_stream_copies_while_compute_idle_ms_per_step"] == 0.03
     assert s["largest_idle_gaps"] == [{"at_ms": 0.1, "ms": 0.05, "during": ["AllGather", "copy"]}]
+    assert s["compute_idle_without_communication_ms_per_step"] == 0.0
+    assert s["host_us_between_compiled_layers"] == {"forward": 60.0, "backward": None}

@@ -59,6 +59,9 @@ def test_resharding_gathers_one_unit_at_a_time_and_the_engine_keeps_the_views(pr
             continue
         assert s["views_of_shards"]
         assert 0 < s["whole_peak_bytes"] <= s["largest_unit_bytes"] < s["base_bytes"], s
+        # Between steps only what the next forward needs first stays gathered (one layer ahead).
+        assert s["gathered_before"] == [], s
+        assert s["gathered_after"] == ["layer 0", "outer"], s
 
 
 def test_only_router_and_lora_parameters_train_and_get_gradients(probe):

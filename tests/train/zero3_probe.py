@@ -14,14 +14,18 @@ import torch
 
 
 def held_frozen(built, model) -> dict[str, tuple[int, int]]:
-    """{piece: (elements this rank holds in memory, elements of the whole piece)} of the frozen base:
-    a parameter's partition under DeepSpeed's engine; a layer's flat shard under mixlora_ds's, plus
-    whatever its full buffer holds at the moment (nothing, between steps)."""
+    """{piece: (elements of this rank's partition, elements of the whole piece)} of the frozen base:
+    a parameter's partition under DeepSpeed's engine; a layer's flat shard under mixlora_ds's (what it
+    keeps gathered besides is ``gathered_units``)."""
     if built.sharded_base is not None:
-        return {s.name: (s.shard_S.numel() + s.live_bytes // s.shard_S.element_size(), s.numel)
-                for s in built.sharded_base.all_shards()}
+        return {s.name: (s.shard_S.numel(), s.numel) for s in built.sharded_base.all_shards()}
     return {n: (p.ds_tensor.numel(), p.ds_numel) for n, p in model.named_parameters()
             if not p.requires_grad and hasattr(p, "ds_tensor")}
+
+
+def gathered_units(built) -> list[str]:
+    """The units of mixlora_ds's sharded base whose full weights hold memory now."""
+    return sorted({s.name.split("[")[0] for s in built.sharded_base.all_shards() if s.live_bytes > 0})
 
 
 def views_of_their_shards(built) -> bool:
@@ -72,6 +76,7 @@ def main(config_path: str, out_dir: str) -> None:
     built = build_model(cfg, plan.ds_config, plan.precision, plan.stage)
     # Before the engine exists: the base is already sharded, nothing gathered.
     frozen_before = held_frozen(built, built.model)
+    gathered_before = gathered_units(built) if built.sharded_base is not None else None
     engine = start_engine(built, plan.engine_ds_config)
     stream = BatchStream(cfg.data.train_dir, "train", 1, cfg.seed, True, True, dist.rank(), dist.world_size())
 
@@ -97,6 +102,7 @@ def main(config_path: str, out_dir: str) -> None:
     sharding = None
     if built.sharded_base is not None:
         sharding = {"views_of_shards": views_of_their_shards(built), "whole_peak_bytes": whole.peak,
+                    "gathered_before": gathered_before, "gathered_after": gathered_units(built),
                     "largest_unit_bytes": max(whole.units), "base_bytes": sum(whole.units)}
     blocks = [m for m in engine.module.modules() if isinstance(m, MixLoraMoeBlock)]
     report = json.dumps({
