@@ -14,7 +14,7 @@ The trainable adapter is untouched: DeepSpeed's ZeRO-1/2 handles it.
 
 Units: one per decoder layer (every frozen parameter inside it, wherever nested), plus the "outer"
 unit of the frozen parameters outside the layers (embeddings, final norm, LM head), gathered when the
-model's forward starts and kept until backward is done.
+model's forward starts and kept through backward and on to the next forward.
 
 Order of events, L layers, one training micro-batch::
 
@@ -31,6 +31,9 @@ everything at the end; ``reshard_all`` frees everything at any time.
 
 Layers run one after another: layer i+1's backward is over once the gradient of layer i's output
 (its input) is complete, which is when layer i's backward starts, so that is where i+1 is freed.
+(Nodes of layer i+1 that feed only a loss read inside the layer, such as MixLoRA's router loss,
+are not on that path; they run earlier all the same, since the autograd engine runs the most
+recently created nodes first, and a later layer's nodes are newer.)
 Every rank must run the same layers in the same order (true of data parallelism): NCCL gathers are
 collectives. Activation checkpointing re-runs a layer's forward inside its backward; while a
 backward runs, the forward hooks only make sure the layer is gathered, and free nothing.
@@ -186,7 +189,8 @@ class ShardedFrozenBase:
         return [s for u in units for s in u.shards]
 
     def held_numel(self) -> tuple[int, int]:
-        """(elements this rank keeps between uses, elements of the whole frozen base)."""
+        """(elements of this rank's shards, elements of the whole frozen base). Between steps a rank
+        also keeps the outer unit and the first ``prefetch_layers`` layers gathered."""
         shards = self.all_shards()
         return sum(s.held_numel for s in shards), sum(s.numel for s in shards)
 
@@ -213,7 +217,7 @@ class _CallInBackward(torch.autograd.Function):
 
 def _map_tensors(obj: Any, fn) -> Any:
     """``fn`` applied to every floating-point tensor that requires grad in nested tuples, lists and
-    mappings (a layer's inputs and outputs, a model's output object); everything else is returned as
+    mappings (a layer's outputs, a model's output object); everything else is returned as
     it is, containers rebuilt as their own type."""
     if isinstance(obj, torch.Tensor):
         return fn(obj) if obj.requires_grad and obj.is_floating_point() else obj

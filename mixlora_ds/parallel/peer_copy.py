@@ -133,10 +133,14 @@ class PeerGather:
         current = torch.cuda.current_stream(self.stream.device)
         self.ready.record(current)
         self.stream.wait_event(self.ready)
+        # (set_stream also makes the stream's GPU current: a rank's own, the one it already uses.)
         torch.cuda.set_stream(self.stream)
         try:
             for dst, src in self.copies:
                 dst.copy_(src)
+        except BaseException:
+            self.stream.synchronize()  # copies already queued must not outlive the memory they write
+            raise
         finally:
             torch.cuda.set_stream(current)
         self.done.record(self.stream)

@@ -170,7 +170,8 @@ class DeepSpeedSection:
     zero3_prefetch_layers: int = 1
     """With ``zero3_impl: mixlora_ds``, how many decoder layers ahead of use a layer's gather starts
     (0: when the layer is reached). Each layer more keeps one more layer's frozen weights gathered
-    at a time (0.4 GB at 7B, bf16)."""
+    at a time (0.4 GB at 7B, bf16). The first this many layers stay gathered between steps, for the
+    next forward (with as many as the model has, the whole base stays gathered)."""
     zero3_gather: Literal["layer", "module"] = "layer"
     """With ``zero3_impl: deepspeed``, the gather granularity. "layer": each decoder layer is one ZeRO-3
     leaf, its frozen weights gathered in one go (1.7x / 2.2x the tokens/s of "module" on 1 / 2 H200s,

@@ -66,8 +66,9 @@ class Trainer:
         if built.sharded_base is not None:
             held, full = built.sharded_base.held_numel()
             how = "copy engine" if built.sharded_base.transport == "copy_engine" else "all-gather"
-            log.info("ZeRO-3 by mixlora_ds: frozen base sharded per decoder layer, this rank holds %s of %s "
-                     "elements, gathered by %s; DeepSpeed runs stage 2 for the adapter", f"{held:,}", f"{full:,}", how)
+            log.info("ZeRO-3 by mixlora_ds: frozen base sharded per decoder layer, this rank's shards hold %s "
+                     "of %s elements, gathered by %s; DeepSpeed runs stage 2 for the adapter",
+                     f"{held:,}", f"{full:,}", how)
 
         def scheduler(optimizer):
             return build_scheduler(optimizer, cfg.schedule.type, plan.warmup_steps, plan.total_steps,

@@ -3,10 +3,11 @@
 
 For tiny models (4 decoder layers) of every family with MixLoRA (random adapter values), LoRA and
 DoRA baselines, each rank compares the model with its frozen base sharded (``shard_frozen_base``)
-against the same model unsharded, on this rank's own input: logits, the loss, and the gradient of
-every trainable tensor, in training mode with and without activation checkpointing, with a
-compiled layer forward, without prefetching, two layers ahead and past the last layer, and in an
-evaluation forward (on GPUs also gathered by copy engine); and in the orders of calls a caller may
+against the same model unsharded, on this rank's own input: logits, the loss (cross-entropy plus
+MixLoRA's router loss, whose gradient enters each layer in the middle), and the gradient of every
+trainable tensor, in training mode with and without activation checkpointing, with a compiled layer
+forward, without prefetching, two layers ahead and past the last layer, with inputs that need no
+gradient, and in an evaluation forward (on GPUs also gathered by copy engine); and in the orders of calls a caller may
 use besides forward-then-backward. It also records how much of the base each rank holds, how many layers hold
 memory at once in forward and in backward, and what stays gathered after a step (what the next
 forward needs first) and after an evaluation forward (nothing).
@@ -26,6 +27,7 @@ import torch.distributed as tdist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mixlora_ds import MixLoraConfig, inject_mixlora  # noqa: E402
+from mixlora_ds.model.aux_loss import mixlora_aux_loss  # noqa: E402
 from mixlora_ds.model.inject import decoder_layers  # noqa: E402
 from mixlora_ds.model.moe import set_compute_path  # noqa: E402
 from mixlora_ds.parallel.frozen_base import shard_frozen_base  # noqa: E402
@@ -37,20 +39,22 @@ DEVICE = torch.device("cpu")
 LAYERS = 4
 
 
-def adapted(family: str, peft_type: str = "MIXLORA", **adapter):
+def adapted(family: str, peft_type: str = "MIXLORA", input_grads: bool = True, **adapter):
     model = tiny_model(family, seed=3, num_hidden_layers=LAYERS, use_cache=False)
     if peft_type == "MIXLORA":
         adapter = dict(num_experts=4, top_k=2) | adapter
     inject_mixlora(model, MixLoraConfig(peft_type=peft_type, r=4, lora_alpha=8, lora_dropout=0.0,
                                         target_modules=targets_for(family), **adapter))
     randomize_adapter(model, std=0.1, seed=5)
-    model.enable_input_require_grads()
+    if input_grads:  # (as gradient checkpointing with a frozen embedding needs)
+        model.enable_input_require_grads()
     return model.to(DEVICE).train()
 
 
 def loss_of(model, ids):
     logits = model(input_ids=ids).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)), logits
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    return ce + mixlora_aux_loss(model), logits
 
 
 def grads_of(model):
@@ -100,8 +104,8 @@ def holding(sharded) -> list[str]:
 
 
 def compare(family: str, peft_type: str, rank: int, checkpointing: bool = False, compiled: bool = False,
-            prefetch_layers: int = 1, transport: str = "nccl", **adapter) -> dict:
-    reference = adapted(family, peft_type, **adapter)
+            prefetch_layers: int = 1, transport: str = "nccl", input_grads: bool = True, **adapter) -> dict:
+    reference = adapted(family, peft_type, input_grads, **adapter)
     sharded_model = copy.deepcopy(reference)
     if checkpointing:
         enable_checkpointing(reference)
@@ -227,6 +231,7 @@ def main(out_dir: str, device: str = "cpu") -> None:
     cases["no prefetch"] = compare("llama", "MIXLORA", rank, prefetch_layers=0)
     cases["prefetch 2"] = compare("llama", "MIXLORA", rank, prefetch_layers=2)
     cases["prefetch past the last layer"] = compare("llama", "MIXLORA", rank, prefetch_layers=9)
+    cases["inputs need no gradient"] = compare("llama", "MIXLORA", rank, input_grads=False)
     if device == "cuda":  # symmetric memory and copy engines need GPUs
         cases["copy engine"] = compare("llama", "MIXLORA", rank, transport="copy_engine")
         cases["copy engine, compiled checkpointing"] = compare("qwen2", "MIXLORA", rank, checkpointing=True,
