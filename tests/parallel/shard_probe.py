@@ -7,10 +7,10 @@ against the same model unsharded, on this rank's own input: logits, the loss (cr
 MixLoRA's router loss, whose gradient enters each layer in the middle), and the gradient of every
 trainable tensor, in training mode with and without activation checkpointing, with a compiled layer
 forward, without prefetching, two layers ahead and past the last layer, with inputs that need no
-gradient, and in an evaluation forward (on GPUs also gathered by copy engine); and in the orders of calls a caller may
-use besides forward-then-backward. It also records how much of the base each rank holds, how many layers hold
-memory at once in forward and in backward, and what stays gathered after a step (what the next
-forward needs first) and after an evaluation forward (nothing).
+gradient, and in an evaluation forward (on GPUs also gathered by copy engine); and in the orders
+of calls a caller may use besides forward-then-backward. It also records how much of the base each
+rank holds, how many layers hold memory at once in forward and in backward, and what stays gathered
+after a step (what the next forward needs first) and after an evaluation forward (nothing).
 """
 
 from __future__ import annotations
