@@ -1,18 +1,22 @@
-"""Expert LoRAs and the three ways to compute a MixLoRA feed-forward block.
+"""Expert LoRAs, and expert compute: the experts this process holds, applied to routed tokens.
 
-Shapes: T tokens, K slots per token, P (token, slot) pairs in expert order, D model dim,
-I FFN intermediate dim, E experts, r LoRA rank. Expert ``e`` of a projection with frozen weight W
-computes ``W x + s * B_e A_e dropout(x)``.
+Shapes: N rows, K slots per row, P (row, slot) pairs, D model dim, I FFN intermediate dim, E experts
+(those this process holds), r LoRA rank. Expert ``e`` of a projection with frozen weight W computes
+``W x + s * B_e A_e dropout(x)``.
+
+Every expert-compute path takes ``RoutedTokens`` (rows, local expert ids, weights) and returns, per
+row, the weighted sum of its experts' outputs:
 
 - ``ffn_loop``: the plain per-expert loop of the paper and the reference, kept as the readable
   reference the tests compare against (and the path for DoRA experts).
-- ``ffn_dense`` (default) and ``ffn_grouped`` share the frozen work: ``W1 x`` / ``W3 x`` run once per
-  token, and the frozen down projection runs once per token on the weight-mixed intermediates,
-  which is exact by linearity:
+- ``folded_ffn`` with a per-pair function of ``pair_math.py`` (masked-dense, grouped, or a fused GPU
+  kernel) shares the frozen work: ``W1 x`` / ``W3 x`` run once per row, and the frozen down
+  projection runs once per row on the weight-mixed intermediates, exact by linearity:
   ``sum_e w_e (W2 + s B2_e A2_e) h_e = W2 (sum_e w_e h_e) + sum_e w_e s B2_e A2_e h_e``.
-  They differ in the low-rank work: ``grouped`` sorts pairs by expert and runs one grouped matmul
-  per projection; ``dense`` keeps pairs in token order and runs masked GEMMs over all experts.
-  Both recompute the per-pair intermediates in backward, so activation memory stays near plain LoRA.
+  That fold, with its bias correction, lives here and only here; the per-pair functions return the
+  mixed intermediate and the mixed output-LoRA delta. The per-pair part is recomputed in backward,
+  so activation memory stays near plain LoRA.
+- the fused inference form (``fused_ffn.py``) for frozen adapters.
 """
 
 from __future__ import annotations
@@ -21,15 +25,21 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mixlora_ds.config import LoraSettings
-from mixlora_ds.model.dispatch import LocalDispatcher
-from mixlora_ds.model.grouped_mm import grouped_mm
+from mixlora_ds.model.dispatch import RoutedTokens
 from mixlora_ds.model.lora import cached_for_inference, init_lora_A_
-from mixlora_ds.model.router import Routing
+from mixlora_ds.model.pair_math import PairMath, activate, run_compiled
 from mixlora_ds.zero import gathered
+
+EXPERT_ATTR = "mixlora_expert"
+"""Set (True) on every expert parameter: expert parallelism shards, reduces, clips and checkpoints
+parameters by this tag, never by name patterns."""
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    return getattr(p, EXPERT_ATTR, False)
 
 
 class ExpertLoraStack(nn.Module):
@@ -49,18 +59,24 @@ class ExpertLoraStack(nn.Module):
             nn.Parameter(torch.ones(num_experts, out_features, device=device, dtype=dtype))
             if settings.use_dora else None
         )
+        for p in self.parameters():
+            setattr(p, EXPERT_ATTR, True)
+
     @property
     def num_experts(self) -> int:
         return self.lora_A.shape[0]
 
-    def grouped_delta(self, x_PK: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        """``s B_e A_e dropout(x)`` for every pair, rows in expert order.
-
-        Computed in the activation dtype: the small weights are cast, not the large activations.
-        """
-        A, B = self.lora_A.to(x_PK.dtype), self.lora_B.to(x_PK.dtype)
-        low_Pr = grouped_mm(self.dropout(x_PK), A.transpose(1, 2), offs_E)
-        return grouped_mm(low_Pr, B.transpose(1, 2), offs_E) * self.scaling
+    @torch.no_grad()
+    def keep_experts(self, first: int, count: int) -> None:
+        """Hold only experts ``first .. first+count-1`` (expert parallelism: the others live on other
+        ranks); they are then numbered 0 .. count-1 here."""
+        for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            p = getattr(self, name)
+            if p is not None:
+                kept = nn.Parameter(p[first:first + count].clone(), requires_grad=p.requires_grad)
+                setattr(kept, EXPERT_ATTR, True)
+                setattr(self, name, kept)
+        self.__dict__.pop("_inference_cache", None)
 
     def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
         """All experts side by side for ``dense_pair_math``: A as ``[E*r, in]``, B as ``[E*r, out]``
@@ -124,154 +140,54 @@ class FFNShape:
         return activate(pre, self.gated, self.act)
 
 
-def activate(pre: list[torch.Tensor], gated: bool, act) -> torch.Tensor:
-    """Pre-activation pieces (one per input projection) -> intermediate ``h``."""
-    if not gated:
-        return act(pre[0])
-    gate, up = pre if len(pre) == 2 else pre[0].chunk(2, dim=-1)
-    return act(gate) * up
-
-
-def ffn_loop(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Reference path: every expert runs the whole FFN (frozen weights + its LoRAs) on its tokens."""
-    acc = torch.promote_types(x_TD.dtype, torch.float32)  # fp32 sums for 16-bit inputs, float64 kept
-    out_TD = torch.zeros(x_TD.shape, dtype=acc, device=x_TD.device)
-    for e in range(routing.num_experts):
-        token_N, slot_N = torch.nonzero(routing.expert_TK == e, as_tuple=True)
-        x_ND = x_TD[token_N]
-        pre = [_apply(ffn.projection(n), stacks, n, e, x_ND) for n in ffn.input_names]
-        h_NI = ffn.activate(pre)
-        y_ND = _apply(ffn.projection(ffn.output_name), stacks, ffn.output_name, e, h_NI)
-        out_TD.index_add_(0, token_N, y_ND.to(acc) * routing.weight_TK[token_N, slot_N].unsqueeze(-1).to(acc))
-    return out_TD.to(x_TD.dtype)
+def ffn_loop(ffn: FFNShape, stacks: nn.ModuleDict, tokens: RoutedTokens, num_experts: int) -> torch.Tensor:
+    """Reference path: every expert runs the whole FFN (frozen weights + its LoRAs) on its rows."""
+    x_ND, expert_NK, weight_NK = tokens.x_ND, tokens.expert_NK, tokens.weight_NK
+    acc = torch.promote_types(x_ND.dtype, torch.float32)  # fp32 sums for 16-bit inputs, float64 kept
+    out_ND = torch.zeros(x_ND.shape, dtype=acc, device=x_ND.device)
+    for e in range(num_experts):
+        row_M, slot_M = torch.nonzero((expert_NK == e) & (weight_NK != 0), as_tuple=True)
+        x_MD = x_ND[row_M]
+        pre = [_apply(ffn.projection(n), stacks, n, e, x_MD) for n in ffn.input_names]
+        h_MI = ffn.activate(pre)
+        y_MD = _apply(ffn.projection(ffn.output_name), stacks, ffn.output_name, e, h_MI)
+        out_ND.index_add_(0, row_M, y_MD.to(acc) * weight_NK[row_M, slot_M].unsqueeze(-1).to(acc))
+    return out_ND.to(x_ND.dtype)
 
 
 def _apply(base: nn.Linear, stacks: nn.ModuleDict, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
     return stacks[name].apply_expert(e, base, x) if name in stacks else base(x)
 
 
-def ffn_grouped(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing,
-                dispatcher: LocalDispatcher, recompute: bool = True) -> torch.Tensor:
-    """Optimized path: shared frozen work once per token, grouped low-rank work per expert."""
-    plan = dispatcher.plan(routing)
-    pre_dense = [ffn.projection(n)(x_TD) for n in ffn.input_names]  # W1 x, W3 x: once per token
+def folded_ffn(ffn: FFNShape, stacks: nn.ModuleDict, tokens: RoutedTokens, num_experts: int, pair_math: PairMath,
+               recompute: bool = True, compiled: bool = False) -> torch.Tensor:
+    """Shared frozen work once per row, the per-pair part from ``pair_math`` (recomputed in backward
+    when training; through one shared torch.compile graph when ``compiled``), then the W2 fold."""
+    x_ND = tokens.x_ND
+    pre_dense = [ffn.projection(n)(x_ND) for n in ffn.input_names]  # W1 x, W3 x: once per row
+    in_loras = [stacks[n].stacked(x_ND.dtype) if n in stacks else None for n in ffn.input_names]
+    out_lora = stacks[ffn.output_name].stacked(x_ND.dtype) if ffn.output_name in stacks else None
+    statics = (in_loras, out_lora, ffn.gated, ffn.act, num_experts)
 
-    def per_pair(x_TD: torch.Tensor, *pre_dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x_PD = dispatcher.dispatch(plan, x_TD)
-        pre = []
-        for name, dense_TF in zip(ffn.input_names, pre_dense):
-            pre_PF = dispatcher.dispatch(plan, dense_TF)
-            if name in stacks:
-                pre_PF = pre_PF + stacks[name].grouped_delta(x_PD, plan.offs_E)
-            pre.append(pre_PF)
-        h_PI = ffn.activate(pre)
-        mixed_TI = dispatcher.combine(plan, h_PI)
-        if ffn.output_name not in stacks:
-            return (mixed_TI,)
-        delta_PD = stacks[ffn.output_name].grouped_delta(h_PI, plan.offs_E)
-        return mixed_TI, dispatcher.combine(plan, delta_PD)
+    def per_pair(x_ND: torch.Tensor, *pre_dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = (x_ND, tokens.expert_NK, tokens.weight_NK, list(pre_dense), *statics)
+        return run_compiled(pair_math, *args) if compiled else pair_math(*args)
 
-    return _finish(ffn, stacks, x_TD, routing, per_pair, pre_dense, recompute)
-
-
-def dense_pair_math(x_TD: torch.Tensor, onehot_TKE: torch.Tensor, weight_TK: torch.Tensor,
-                    pre_dense: list[torch.Tensor], in_loras: list, out_lora, gated: bool,
-                    act) -> tuple[torch.Tensor, ...]:
-    """The per-pair part of the masked-dense path, as one pure function (so it can be compiled).
-
-    ``in_loras[i]`` / ``out_lora``: ``(A [E*r, in], B [E*r, out] pre-scaled, dropout p)`` or None.
-    Every expert's rank-r code is computed (one GEMM of width E*r), the unchosen ones are zeroed, and
-    one GEMM of depth E*r applies all B matrices. With E*r small this extra arithmetic is free (the
-    GEMMs are memory-bound), and there is no sort, gather or data-dependent shape.
-    Returns the weight-mixed intermediate ``[T, I]`` and, with an output LoRA, its mixed delta ``[T, D]``.
-    """
-    T, K, E = onehot_TKE.shape
-    pre = []
-    for dense_TF, lora in zip(pre_dense, in_loras):
-        pre_TKF = dense_TF.unsqueeze(1)
-        if lora is not None:
-            A, B, p = lora
-            code_TKEr = (_dropout(x_TD, p) @ A.t()).view(T, 1, E, -1) * onehot_TKE.unsqueeze(-1)
-            pre_TKF = pre_TKF + (code_TKEr.reshape(T * K, -1) @ B).view(T, K, -1)
-        pre.append(pre_TKF.expand(-1, K, -1))
-    h_TKI = activate(pre, gated, act)
-    w_TK1 = weight_TK.to(h_TKI.dtype).unsqueeze(-1)
-    mixed_TI = (h_TKI * w_TK1).sum(dim=1)
-    if out_lora is None:
-        return (mixed_TI,)
-    A, B, p = out_lora
-    code_TKEr = (_dropout(h_TKI, p) @ A.t()).view(T, K, E, -1)
-    mixed_code_TEr = (code_TKEr * (onehot_TKE * w_TK1).unsqueeze(-1)).sum(dim=1)
-    return mixed_TI, mixed_code_TEr.reshape(T, -1) @ B
-
-
-def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    return F.dropout(x, p) if p > 0 else x
-
-
-_COMPILED: dict = {}  # function -> its torch.compile wrapper, or False once compiling it failed
-
-
-def run_compiled(fn, *args):
-    """``fn(*args)`` through one shared ``torch.compile`` of ``fn`` (every block of a model has the
-    same shapes, so they share one graph); eager inside an outer compile, and for good, with one
-    warning, once compiling fails (no working compiler on the machine)."""
-    if torch.compiler.is_compiling():
-        return fn(*args)
-    compiled = _COMPILED.get(fn)
-    if compiled is None:
-        compiled = _COMPILED[fn] = torch.compile(fn)
-    if compiled is not False:
-        try:
-            return compiled(*args)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            import warnings
-
-            warnings.warn(f"torch.compile of {fn.__name__} failed ({e!r}); using eager mode")
-            _COMPILED[fn] = False
-    return fn(*args)
-
-
-def ffn_dense(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing,
-              recompute: bool = True, compiled: bool | None = None) -> torch.Tensor:
-    """Optimized path without dispatch: pairs stay in token order ``[T, K, ...]`` and each expert
-    LoRA runs as a masked GEMM over all experts (``dense_pair_math``). Same sharing of W1 x / W3 x
-    and the same W2 fold as ``ffn_grouped``. ``compiled`` fuses the per-pair element-wise work with
-    ``torch.compile`` (None: on CUDA devices only).
-
-    Dropout on the input projections' LoRA input is drawn once per token and shared by its K
-    experts (the reference draws one mask per expert); identical in eval mode and in expectation.
-    """
-    pre_dense = [ffn.projection(n)(x_TD) for n in ffn.input_names]
-    onehot_TKE = torch.nn.functional.one_hot(routing.expert_TK, routing.num_experts).to(x_TD.dtype)
-    in_loras = [stacks[n].stacked(x_TD.dtype) if n in stacks else None for n in ffn.input_names]
-    out_lora = stacks[ffn.output_name].stacked(x_TD.dtype) if ffn.output_name in stacks else None
-    if compiled is None:  # auto: fuse on GPUs, where launch count and memory passes dominate
-        compiled = x_TD.is_cuda
-    args = (onehot_TKE, routing.weight_TK)
-    statics = (in_loras, out_lora, ffn.gated, ffn.act)
-
-    def per_pair(x_TD: torch.Tensor, *pre_dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        run = run_compiled if compiled else (lambda fn, *a: fn(*a))
-        return run(dense_pair_math, x_TD, *args, list(pre_dense), *statics)
-
-    return _finish(ffn, stacks, x_TD, routing, per_pair, pre_dense, recompute)
-
-
-def _finish(ffn: FFNShape, stacks: nn.ModuleDict, x_TD: torch.Tensor, routing: Routing, per_pair,
-            pre_dense: list[torch.Tensor], recompute: bool) -> torch.Tensor:
-    """Run the per-pair part (recomputed in backward when training), then the frozen W2 once per token."""
     if recompute and torch.is_grad_enabled():
-        parts = checkpoint(per_pair, x_TD, *pre_dense, use_reentrant=False)
+        parts = checkpoint(per_pair, x_ND, *pre_dense, use_reentrant=False)
     else:
-        parts = per_pair(x_TD, *pre_dense)
+        parts = per_pair(x_ND, *pre_dense)
     out_proj = ffn.projection(ffn.output_name)
-    y_TD = out_proj(parts[0])  # frozen W2 once per token on the mixed intermediates
+    y_ND = out_proj(parts[0])  # frozen W2 once per row on the mixed intermediates
     if len(parts) > 1:
-        y_TD = y_TD + parts[1]
+        y_ND = y_ND + parts[1]
     if out_proj.bias is not None:
-        # W2 h + b summed with weights w gives (sum w) b; the fold applied b once.
         with gathered([out_proj.bias]):
             bias = out_proj.bias.detach().clone()
-        y_TD = y_TD + (routing.weight_TK.sum(-1, keepdim=True) - 1).to(y_TD.dtype) * bias
-    return y_TD
+        y_ND = add_folded_bias(y_ND, tokens.weight_NK, bias)
+    return y_ND
+
+
+def add_folded_bias(y_ND: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The fold applied W2's bias once; the experts' outputs weighted by w sum to (sum w) b."""
+    return y_ND + (weight_NK.sum(-1, keepdim=True) - 1).to(y_ND.dtype) * bias

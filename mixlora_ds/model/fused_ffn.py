@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixlora_ds.model.experts import FFNShape, activate, run_compiled
-from mixlora_ds.model.router import Routing
+from mixlora_ds.model.dispatch import RoutedTokens
+from mixlora_ds.model.experts import FFNShape, add_folded_bias
+from mixlora_ds.model.pair_math import activate, run_compiled
 
 
 class FusedExpertFFN(nn.Module):
@@ -56,10 +57,10 @@ class FusedExpertFFN(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.W_in.dtype
 
-    def forward(self, x_TD: torch.Tensor, routing: Routing, compiled: bool = False) -> torch.Tensor:
-        """The block's FFN output for routed tokens; ``compiled`` fuses the element-wise work with
-        torch.compile (one graph shared by all blocks)."""
-        args = (x_TD, routing.expert_TK, routing.weight_TK, routing.num_experts, self.W_in, self.b_in, self.B_in,
+    def forward(self, tokens: RoutedTokens, num_experts: int, compiled: bool = False) -> torch.Tensor:
+        """The block's FFN output for routed tokens (experts numbered among those held here);
+        ``compiled`` fuses the element-wise work with torch.compile (one graph shared by all blocks)."""
+        args = (tokens.x_ND, tokens.expert_NK, tokens.weight_NK, num_experts, self.W_in, self.b_in, self.B_in,
                 self.A_out, self.W_out, self.b_out, self.dense_sizes, self.lora_inputs, self.rank, self.gated, self.act)
         return run_compiled(fused_ffn_math, *args) if compiled else fused_ffn_math(*args)
 
@@ -86,9 +87,7 @@ def fused_ffn_math(x_TD, expert_TK, weight_TK, num_experts: int, W_in, b_in, B_i
         mixed_code_TEr = (code_TKEr * (onehot_TKE * w_TK1).unsqueeze(-1)).sum(dim=1)
         mixed_TI = torch.cat([mixed_TI, mixed_code_TEr.reshape(T, E * r)], dim=-1)
     y_TD = F.linear(mixed_TI, W_out, b_out)
-    if b_out is not None:  # the fold applied b once; the experts' outputs sum to (sum w) b
-        y_TD = y_TD + (w_TK1.sum(dim=1) - 1) * b_out
-    return y_TD
+    return y_TD if b_out is None else add_folded_bias(y_TD, weight_TK, b_out)
 
 
 @torch.no_grad()

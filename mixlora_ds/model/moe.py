@@ -1,7 +1,9 @@
 """The MixLoRA block that replaces a decoder layer's feed-forward module.
 
-route -> dispatch -> expert compute -> combine; each stage lives in its own module
-(router.py, dispatch.py, experts.py) and is tested on its own.
+route -> dispatch -> expert compute -> combine; each stage lives in its own module (router.py,
+dispatch.py, experts.py with pair_math.py and fused_ffn.py) and is tested on its own. The
+dispatcher is handed in (``LocalDispatcher`` unless the trainer installs an expert-parallel one);
+expert compute runs over the experts this block holds.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import torch.nn as nn
 from transformers.activations import ACT2FN
 
 from mixlora_ds.config import MixLoraConfig
-from mixlora_ds.model.dispatch import LocalDispatcher
-from mixlora_ds.model.experts import ExpertLoraStack, FFNShape, ffn_dense, ffn_grouped, ffn_loop
+from mixlora_ds.model.dispatch import LocalDispatcher, RoutedTokens, TokenDispatcher
+from mixlora_ds.model.experts import ExpertLoraStack, FFNShape, ffn_loop, folded_ffn
 from mixlora_ds.model.families import FamilySpec
 from mixlora_ds.model.fused_ffn import FusedExpertFFN, fuse_block_weights, unshare_base_weights
+from mixlora_ds.model.pair_math import PAIR_MATH
 from mixlora_ds.model.router import MixLoraRouter, Routing
 
-COMPUTE_PATHS = ("dense", "grouped", "loop")
+COMPUTE_PATHS = (*PAIR_MATH, "loop")
 
 
 class MixLoraMoeBlock(nn.Module):
@@ -28,7 +31,7 @@ class MixLoraMoeBlock(nn.Module):
     """
 
     def __init__(self, base_mlp: nn.Module, family: FamilySpec, config: MixLoraConfig, hidden_size: int,
-                 act_fn: str, dtype: torch.dtype = torch.float32):
+                 act_fn: str, dtype: torch.dtype = torch.float32, dispatcher: TokenDispatcher | None = None):
         super().__init__()
         self.base_mlp = base_mlp
         self.config = config
@@ -46,11 +49,13 @@ class MixLoraMoeBlock(nn.Module):
                     self.experts[name].init_dora(base)
         self.ffn = FFNShape(base_mlp, family.ffn_input_projections, family.ffn_output_projection, family.gated,
                             ACT2FN[act_fn])
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher: TokenDispatcher = dispatcher or LocalDispatcher()
+        self.num_local_experts = config.num_experts
+        """Experts held here: all of them, or a slice under expert parallelism (``keep_experts``)."""
         self.compute_path = "loop" if settings.use_dora else "dense"
-        """"dense" (default: masked GEMMs over all experts, fastest measured on GPU and CPU),
-        "grouped" (pairs sorted by expert, one grouped matmul per projection) or "loop" (the
-        reference). DoRA experts need "loop": their per-expert output rescaling does not commute
+        """A folded path of ``pair_math.PAIR_MATH`` ("dense", the default: masked GEMMs over all
+        experts; "grouped": pairs sorted by expert, one grouped matmul per projection) or "loop"
+        (the reference). DoRA experts need "loop": their per-expert output rescaling does not commute
         with the shared down projection."""
         self.recompute = True
         """Recompute per-pair intermediates in backward instead of storing them."""
@@ -61,6 +66,13 @@ class MixLoraMoeBlock(nn.Module):
         self.last_routing: Routing | None = None
         self.fused_ffn: FusedExpertFFN | None = None
         """The inference form (``fuse_for_inference``); None while the experts may train."""
+
+    def keep_experts(self, first: int, count: int) -> None:
+        """Hold only experts ``first .. first+count-1`` (numbered 0 .. count-1 here); the router
+        still scores all of them. For expert parallelism, which installs a matching dispatcher."""
+        for stack in self.experts.values():
+            stack.keep_experts(first, count)
+        self.num_local_experts = count
 
     def fuse_for_inference(self, dtype: torch.dtype) -> None:
         """Switch to the fused inference form for activations of ``dtype`` (see ``fused_ffn.py``),
@@ -85,18 +97,22 @@ class MixLoraMoeBlock(nn.Module):
         seq_len = batch_shape[-1] if len(batch_shape) > 1 else None
         routing = self.router(x_TD, seq_len=seq_len)
         self.last_routing = routing
-        if self.fused_ffn is not None and x_TD.dtype == self.fused_ffn.dtype:
-            y_TD = self.fused_ffn(x_TD, routing, compiled=x_TD.is_cuda if self.compiled is None else self.compiled)
-        elif self.compute_path == "loop":
-            y_TD = ffn_loop(self.ffn, self.experts, x_TD, routing)
-        elif self.compute_path == "dense":
-            y_TD = ffn_dense(self.ffn, self.experts, x_TD, routing, recompute=self.recompute, compiled=self.compiled)
-        else:
-            y_TD = ffn_grouped(self.ffn, self.experts, x_TD, routing, self.dispatcher, recompute=self.recompute)
+        tokens, handle = self.dispatcher.dispatch(x_TD, routing)
+        y_TD = self.dispatcher.combine(self.expert_compute(tokens), handle)
         y_TD = self.ffn_dropout(y_TD)
         if routing.passthrough_T is not None:
             y_TD = torch.where(routing.passthrough_T.unsqueeze(-1), x_TD.to(y_TD.dtype), y_TD)
         return y_TD.view(*batch_shape, -1)
+
+    def expert_compute(self, tokens: RoutedTokens) -> torch.Tensor:
+        """Per row, the weighted sum of its experts' outputs, over the experts held here."""
+        compiled = tokens.x_ND.is_cuda if self.compiled is None else self.compiled
+        if self.fused_ffn is not None and tokens.x_ND.dtype == self.fused_ffn.dtype:
+            return self.fused_ffn(tokens, self.num_local_experts, compiled=compiled)
+        if self.compute_path == "loop":
+            return ffn_loop(self.ffn, self.experts, tokens, self.num_local_experts)
+        return folded_ffn(self.ffn, self.experts, tokens, self.num_local_experts, PAIR_MATH[self.compute_path],
+                          recompute=self.recompute, compiled=compiled and self.compute_path == "dense")
 
 
 def moe_blocks(model: nn.Module) -> list[MixLoraMoeBlock]:
@@ -106,8 +122,7 @@ def moe_blocks(model: nn.Module) -> list[MixLoraMoeBlock]:
 
 def set_compute_path(model: nn.Module, path: str, compiled: bool | None = None) -> None:
     """Choose how every MixLoRA block computes its experts; ``compiled`` (dense path only) fuses the
-    per-pair element-wise work with torch.compile, worth ~5% of a 7B training step on an H100
-    (None: on CUDA devices only, the default). Compiled, a second backward through a retained graph
+    per-pair element-wise work with torch.compile (None: on CUDA devices only, the default). Compiled, a second backward through a retained graph
     (``backward(retain_graph=True)`` twice) needs ``torch._functorch.config.donated_buffer = False``
     (PyTorch's donated buffers; seen on H200s), or ``compiled=False``."""
     if path not in COMPUTE_PATHS:

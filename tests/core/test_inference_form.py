@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mixlora_ds import MixLoraConfig, inject_mixlora, save_mixlora_adapter
-from mixlora_ds.model.experts import _COMPILED
+from mixlora_ds.model.pair_math import _COMPILED
 from mixlora_ds.model.fused_ffn import fused_ffn_math
 from mixlora_ds.model.lora import LoraLinear
 from mixlora_ds.model.merge import prepare_for_inference

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mixlora_ds import MixLoraConfig
-from mixlora_ds.model.dispatch import LocalDispatcher
+from mixlora_ds.model.pair_order import gather_pairs, mix_pairs, sort_pairs_by_expert
 from mixlora_ds.model.grouped_mm import grouped_mm
 from mixlora_ds.model.router import MixLoraRouter, switch_routing, top_k_routing, top_p_routing
 
@@ -68,23 +68,22 @@ def _naive_plan(expert_TK):
     return sorted(pairs)  # expert order, then token order
 
 
-def test_dispatch_and_combine_against_plain_loops():
+def test_pair_order_against_plain_loops():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 5, generator=gen)
     routing = top_k_routing(logits, 3)
-    d = LocalDispatcher()
-    plan = d.plan(routing)
+    plan = sort_pairs_by_expert(routing.expert_TK, routing.weight_TK, routing.num_experts)
     x = torch.randn(7, 4, generator=gen)
     naive = _naive_plan(routing.expert_TK)
     assert plan.token_P.tolist() == [t for _, t, _ in naive]
-    assert torch.equal(d.dispatch(plan, x), x[[t for _, t, _ in naive]])
+    assert torch.equal(gather_pairs(plan, x), x[[t for _, t, _ in naive]])
     counts = torch.bincount(routing.expert_TK.reshape(-1), minlength=5)
     assert plan.offs_E.tolist() == counts.cumsum(0).tolist()
     y_P = torch.randn(len(naive), 4, generator=gen)
     expected = torch.zeros(7, 4)
     for row, (_, t, k) in enumerate(naive):
         expected[t] += routing.weight_TK[t, k] * y_P[row]
-    assert torch.allclose(d.combine(plan, y_P), expected, atol=1e-6)
+    assert torch.allclose(mix_pairs(plan, y_P), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("dims", [(16, 8), (6, 3)])  # aligned: torch._grouped_mm; unaligned: loop fallback
