@@ -79,7 +79,7 @@ def fused_ffn_math(x_TD, expert_TK, weight_TK, num_experts: int, W_in, b_in, B_i
         code_TKLEr = both_TN[:, n_dense:].view(T, 1, L, E, r) * onehot_TKE.view(T, K, 1, E, 1)
         delta_LPF = torch.bmm(code_TKLEr.reshape(T * K, L, E * r).transpose(0, 1), B_in)
         for j, i in enumerate(lora_inputs):
-            pre[i] = pre[i] + delta_LPF[j].view(T, K, -1)
+            pre[i] = pre[i] + delta_LPF[j].view(T, K, B_in.shape[-1])
     h_TKI = activate([p.expand(T, K, p.shape[-1]) for p in pre], gated, act)
     mixed_TI = (h_TKI * w_TK1).sum(dim=1)
     if A_out is not None:

@@ -44,14 +44,15 @@ def dense_pair_math(x_TD: torch.Tensor, expert_TK: torch.Tensor, weight_TK: torc
     matrices. With E*r small this extra arithmetic is free (the GEMMs are memory-bound), and there is
     no sort, gather or data-dependent shape, so it compiles to one graph."""
     T, K = expert_TK.shape
-    onehot_TKE = F.one_hot(expert_TK, num_experts).to(x_TD.dtype)
+    E = num_experts  # shapes spelled out: T may be 0 (a rank whose experts got no tokens)
+    onehot_TKE = F.one_hot(expert_TK, E).to(x_TD.dtype)
     pre = []
     for dense_TF, lora in zip(pre_dense, in_loras):
         pre_TKF = dense_TF.unsqueeze(1)
         if lora is not None:
             A, B, p = lora
-            code_TKEr = (_dropout(x_TD, p) @ A.t()).view(T, 1, num_experts, -1) * onehot_TKE.unsqueeze(-1)
-            pre_TKF = pre_TKF + (code_TKEr.reshape(T * K, -1) @ B).view(T, K, -1)
+            code_TKEr = (_dropout(x_TD, p) @ A.t()).view(T, 1, E, A.shape[0] // E) * onehot_TKE.unsqueeze(-1)
+            pre_TKF = pre_TKF + (code_TKEr.reshape(T * K, A.shape[0]) @ B).view(T, K, B.shape[-1])
         pre.append(pre_TKF.expand(-1, K, -1))
     h_TKI = activate(pre, gated, act)
     w_TK1 = weight_TK.to(h_TKI.dtype).unsqueeze(-1)
@@ -59,9 +60,9 @@ def dense_pair_math(x_TD: torch.Tensor, expert_TK: torch.Tensor, weight_TK: torc
     if out_lora is None:
         return (mixed_TI,)
     A, B, p = out_lora
-    code_TKEr = (_dropout(h_TKI, p) @ A.t()).view(T, K, num_experts, -1)
+    code_TKEr = (_dropout(h_TKI, p) @ A.t()).view(T, K, E, A.shape[0] // E)
     mixed_code_TEr = (code_TKEr * (onehot_TKE * w_TK1).unsqueeze(-1)).sum(dim=1)
-    return mixed_TI, mixed_code_TEr.reshape(T, -1) @ B
+    return mixed_TI, mixed_code_TEr.reshape(T, A.shape[0]) @ B
 
 
 def grouped_pair_math(x_TD: torch.Tensor, expert_TK: torch.Tensor, weight_TK: torch.Tensor,

@@ -53,4 +53,4 @@ def mix_pairs(order: PairOrder, y_PF: torch.Tensor) -> torch.Tensor:
     A gather plus a sum over K: deterministic, unlike a scatter-add.
     """
     weighted_PF = y_PF * order.weight_P.to(y_PF.dtype).unsqueeze(-1)
-    return weighted_PF[order.unsort_P].view(order.num_tokens, order.top_k, -1).sum(dim=1)
+    return weighted_PF[order.unsort_P].view(order.num_tokens, order.top_k, y_PF.shape[-1]).sum(dim=1)

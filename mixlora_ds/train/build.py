@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from mixlora_ds.model.experts import is_expert_param
 from mixlora_ds.train.config import TrainConfig, TrainConfigError, where_of
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -35,6 +36,19 @@ class BuiltModel:
     """Keeps Transformers' weak global reference to the DeepSpeed config alive (DeepSpeed's ZeRO-3 only)."""
     sharded_base: Any = None
     """The ``ShardedFrozenBase`` when mixlora_ds shards the frozen base, else None."""
+    expert_parallel: Any = None
+    """The ``ExpertParallel`` of this rank when ``parallel.expert_parallel_size`` > 1, else None."""
+
+    @property
+    def engine_params(self) -> list[nn.Parameter]:
+        """What DeepSpeed's engine optimizes: every trainable parameter, less the experts when they are
+        shared out over ranks (``parallel.expert_optimizer`` takes those)."""
+        return [p for _, p in self.trainable if self.expert_parallel is None or not is_expert_param(p)]
+
+    @property
+    def expert_params(self) -> list[tuple[str, nn.Parameter]]:
+        """The experts this rank owns under expert parallelism (empty without it)."""
+        return [(n, p) for n, p in self.trainable if self.expert_parallel is not None and is_expert_param(p)]
 
 
 def hf_config_for(cfg: TrainConfig):
@@ -151,6 +165,13 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
     # random): reseed so every rank and a single-process run draw the same adapter.
     torch.manual_seed(cfg.seed)
     inject_mixlora(model, adapter_config)
+    expert_parallel = None
+    if cfg.parallel.expert_parallel_size > 1:
+        from mixlora_ds.parallel.expert_parallel import ExpertParallel
+
+        # Every rank draws all experts from the seed, then keeps its own: the same experts as without EP.
+        expert_parallel = ExpertParallel.create(cfg.parallel.expert_parallel_size, cfg.deepspeed.timeout_minutes)
+        expert_parallel.shard(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     leaked = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in base_ids]
     if leaked:
@@ -197,7 +218,7 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
             # The forward only: module hooks (the sharded base's) stay outside the graph. Identical
             # layers share one compiled graph.
             layer.forward = torch.compile(layer.forward)
-    return BuiltModel(model, adapter_config, trainable, hf_ds, sharded)
+    return BuiltModel(model, adapter_config, trainable, hf_ds, sharded, expert_parallel)
 
 
 def shard_frozen_base_of(cfg: TrainConfig, model: nn.Module, dtype: torch.dtype):
@@ -228,13 +249,14 @@ def shard_frozen_base_of(cfg: TrainConfig, model: nn.Module, dtype: torch.dtype)
 
 
 def start_engine(built: BuiltModel, engine_config: dict[str, Any], lr_scheduler=None):
-    """``deepspeed.initialize`` for the built model, handing it the trainable parameters only."""
+    """``deepspeed.initialize`` for the built model, handing it the trainable parameters it optimizes."""
     import deepspeed
 
+    from mixlora_ds.parallel.expert_optimizer import kept_from_engine
     from mixlora_ds.parallel.frozen_base import hidden_from_engine_broadcast
 
-    with hidden_from_engine_broadcast(built.sharded_base):
-        engine, _, _, _ = deepspeed.initialize(model=built.model, model_parameters=[p for _, p in built.trainable],
+    with hidden_from_engine_broadcast(built.sharded_base), kept_from_engine([p for _, p in built.expert_params]):
+        engine, _, _, _ = deepspeed.initialize(model=built.model, model_parameters=built.engine_params,
                                                config=engine_config, lr_scheduler=lr_scheduler)
     return engine
 

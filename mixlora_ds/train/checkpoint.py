@@ -23,7 +23,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -138,8 +138,10 @@ class CheckpointManager:
         run_config_yaml: str,
         ds_config: dict[str, Any],
         extra_meta: dict[str, Any] | None = None,
+        write_extra: Callable[[str], None] | None = None,
     ) -> str:
-        """Collective: every rank calls it. Returns the checkpoint directory."""
+        """Collective: every rank calls it. Returns the checkpoint directory. ``write_extra(path)``
+        runs on every rank after the engine's files are written (expert shards, say)."""
         tag = tag_for(step)
         path = os.path.join(self.root, tag)
         rank = dist.rank()
@@ -151,6 +153,8 @@ class CheckpointManager:
         t0 = time.time()
         # Frozen base weights are not saved: the base comes from the model path or the seed.
         engine.save_checkpoint(self.root, tag=tag, save_latest=False, exclude_frozen_parameters=True)
+        if write_extra is not None:
+            write_extra(path)
         state = dict(rank_state, rng=rng_state(), step=step, rank=rank, world_size=dist.world_size())
         atomic_write_bytes(os.path.join(path, f"rank_{rank:05d}.pt"), _torch_bytes(state))
         dist.barrier()

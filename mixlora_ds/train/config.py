@@ -13,6 +13,7 @@ A run file has these sections (every key is optional unless marked; see ``config
     logging:    TensorBoard, console cadence, peak FLOPs for MFU
     eval:       periodic held-out loss
     deepspeed:  DeepSpeed JSON path plus overrides, and who shards the frozen base under ZeRO-3
+    parallel:   expert parallelism (MixLoRA experts shared out over ranks)
 
 Errors name the file and line (or the command-line flag) and the dotted key. Schema version 1.
 """
@@ -180,6 +181,16 @@ class DeepSpeedSection:
 
 
 @dataclass
+class ParallelSection:
+    expert_parallel_size: int = 1
+    """Ranks that share out each layer's MixLoRA experts (1: off). Each rank of an expert-parallel
+    group of this many consecutive ranks owns ``num_experts / expert_parallel_size`` experts and
+    tokens travel to them by all-to-all; must divide ``adapter.num_experts`` and the world size.
+    Pays only when replicated experts are many or large: see README, "Expert parallelism", and the
+    estimate the training log prints at start."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     adapter: dict[str, Any] = field(default_factory=dict)
@@ -192,6 +203,7 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     run_name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 42

@@ -26,19 +26,26 @@ class ExportError(RuntimeError):
     pass
 
 
-def gather_trainable_fp32(model: nn.Module) -> dict[str, torch.Tensor]:
+def gather_trainable_fp32(model: nn.Module, expert_parallel=None) -> dict[str, torch.Tensor]:
     """Full fp32 values of the trainable parameters, on rank 0 (others get an empty dict).
 
     Collective: call on every rank. Under ZeRO-1/2/3 with bf16 this is the optimizer's fp32 master
-    copy, not the bf16 compute copy.
+    copy, not the bf16 compute copy. Under expert parallelism (``expert_parallel``) the experts of
+    every rank are gathered, in expert order.
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from mixlora_ds.model.experts import is_expert_param
     from mixlora_ds.zero import gathered
 
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
+            continue
+        if expert_parallel is not None and is_expert_param(p):
+            full = expert_parallel.gather_experts(p.detach().float())  # fp32 masters, kept by their owners
+            if dist.is_main():
+                out[name] = full.to("cpu").clone()
             continue
         full = safe_get_full_fp32_param(p)
         if full is None:  # stage 0, or no optimizer yet: the parameter itself is the master copy
@@ -49,11 +56,12 @@ def gather_trainable_fp32(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_adapter(model: nn.Module, adapter_config: Any, hf_config: Any, out_dir: str) -> dict[str, int] | None:
+def export_adapter(model: nn.Module, adapter_config: Any, hf_config: Any, out_dir: str,
+                   expert_parallel=None) -> dict[str, int] | None:
     """Collective. Writes ``out_dir`` atomically on rank 0 and verifies it; returns counts on rank 0."""
     from mixlora_ds.adapter_io import to_reference_state_dict, write_adapter
 
-    named = gather_trainable_fp32(model)
+    named = gather_trainable_fp32(model, expert_parallel)
     result = None
     error: str | None = None
     if dist.is_main():

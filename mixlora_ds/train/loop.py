@@ -76,6 +76,7 @@ class Trainer:
 
         self.engine = start_engine(built, plan.engine_ds_config, scheduler)
         self.model = self.engine.module
+        self.experts = self._expert_optimizer(built)
         # Dropout masks differ between ranks (like different GPUs would); resume restores them.
         torch.manual_seed(cfg.seed * 1000 + self.rank)
         random.seed(cfg.seed * 1000 + self.rank)
@@ -108,7 +109,12 @@ class Trainer:
         self.step = 0
         info = find_resume(self.resume_spec, cfg.checkpoint_dir)
         if info is not None:
+            self._check_saved_expert_parallel(info)
             state = self.ckpt.load(self.engine, info, self.engine_stage)
+            if self.experts is not None:
+                from mixlora_ds.train.expert_checkpoint import load_experts
+
+                load_experts(info.path, built.expert_parallel, self.experts)
             self.step = state["step"]
             self.train_stream.load_state_dict(state["data"])
             log.info("resumed from %s at step %d", info.path, self.step)
@@ -132,6 +138,35 @@ class Trainer:
         self.monitor = Monitor(cfg.tensorboard_dir, dist.is_main(), plan.total_steps,
                                cfg.logging.progress_bar, start_step=self.step)
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+
+    def _expert_optimizer(self, built):
+        """Under expert parallelism, the optimizer of this rank's experts (linked to the engine)."""
+        if built.expert_parallel is None:
+            return None
+        from mixlora_ds.parallel.ep_cost import describe_for_run
+        from mixlora_ds.parallel.expert_optimizer import ExpertOptimizer
+
+        o = self.cfg.optim
+        experts = ExpertOptimizer(built.expert_params, built.expert_parallel, o.lr, tuple(o.betas), o.eps,
+                                  o.weight_decay, o.max_grad_norm)
+        experts.attach(self.engine)
+        if dist.is_main():
+            for line in describe_for_run(self.plan, built.expert_parallel).splitlines():
+                log.info(line)
+        return experts
+
+    def _check_saved_expert_parallel(self, info) -> None:
+        """Experts saved by EP ranks live in expert shards, without EP inside DeepSpeed's files:
+        the two do not convert into each other (EP sizes above 1 do, by resharding)."""
+        saved = int(info.meta.get("expert_parallel_size", 1))
+        now = self.cfg.parallel.expert_parallel_size
+        if (saved > 1) != (now > 1):
+            from mixlora_ds.train.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"{info.path}: saved with parallel.expert_parallel_size={saved}, this run has {now}; a checkpoint "
+                f"with expert parallelism resumes with any size above 1 (its experts are resharded), one without "
+                f"it only without it")
 
     # ------------------------------------------------------------------------------------ a step
     def train_step(self, iv: Interval) -> bool:
@@ -159,7 +194,12 @@ class Trainer:
             aux = self._aux_loss(real_BS)
             loss = ce_BS.sum() * scale.to(ce_BS.dtype) + aux
             engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            if self.experts is not None and boundary:
+                self.experts.reduce_gradients()  # before the engine's step: its norm includes them
             engine.step()
+            if self.experts is not None and boundary:
+                self.experts.step(lr)
             ce_sum = ce_sum + ce_BS.detach().sum().double()
             aux_sum = aux_sum + aux.detach().double()
             self._accumulate_stats(iv, batch, ce_BS.detach(), real_BS)
@@ -326,14 +366,25 @@ class Trainer:
     def save(self, reason: str, data_state: dict[str, Any] | None = None) -> None:
         t = time.time()
         data_state = data_state if data_state is not None else self.train_stream.state_dict()
-        path = self.ckpt.save(self.engine, self.step, {"data": data_state}, self.run_config_yaml,
-                              self.plan.ds_config, {"reason": reason, "engine_stage": self.engine_stage})
+        meta = {"reason": reason, "engine_stage": self.engine_stage,
+                "expert_parallel_size": self.cfg.parallel.expert_parallel_size}
+        if self.experts is None:
+            path = self.ckpt.save(self.engine, self.step, {"data": data_state}, self.run_config_yaml,
+                                  self.plan.ds_config, meta)
+        else:
+            from mixlora_ds.train.expert_checkpoint import hidden_from_engine_checkpoint, save_experts
+
+            with hidden_from_engine_checkpoint(self.experts.params):
+                path = self.ckpt.save(self.engine, self.step, {"data": data_state}, self.run_config_yaml,
+                                      self.plan.ds_config, meta,
+                                      lambda p: save_experts(p, self.built.expert_parallel, self.experts))
         log.info("checkpoint %s (%s) in %.1fs", path, reason, time.time() - t)
 
     def export(self) -> None:
         from mixlora_ds.train.export import export_adapter
 
-        result = export_adapter(self.model, self.built.adapter_config, self.plan.hf_config, self.cfg.export_dir)
+        result = export_adapter(self.model, self.built.adapter_config, self.plan.hf_config, self.cfg.export_dir,
+                                self.built.expert_parallel)
         if dist.is_main():
             self.monitor.line(f"adapter exported to {self.cfg.export_dir}: {result['tensors']} tensors, "
                               f"{result['parameters']:,} parameters (verified)")

@@ -89,6 +89,33 @@ def _positive(cfg: TrainConfig, key: str, value: float, allow_zero: bool = False
         raise TrainConfigError(f"{where_of(cfg, key)}: '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def check_expert_parallel(cfg: TrainConfig, adapter_config, world_size: int, stage: int, shards_base: bool) -> None:
+    """``parallel.expert_parallel_size`` against the adapter, the world size and the ZeRO setup."""
+    ep = cfg.parallel.expert_parallel_size
+    key = "parallel.expert_parallel_size"
+    where = where_of(cfg, key)
+    if ep < 1:
+        raise TrainConfigError(f"{where}: '{key}' must be >= 1 (1 = off), got {ep}")
+    if ep == 1:
+        return
+    if adapter_config.peft_type != "MIXLORA":
+        raise TrainConfigError(f"{where}: {key}={ep} needs a MixLoRA adapter (experts to share out); "
+                               f"adapter.peft_type is {adapter_config.peft_type}")
+    if adapter_config.num_experts % ep:
+        raise TrainConfigError(f"{where}: {key}={ep} does not divide adapter.num_experts="
+                               f"{adapter_config.num_experts}; each rank of a group must own as many experts")
+    if world_size % ep:
+        raise TrainConfigError(f"{where}: {key}={ep} does not divide the world size {world_size}; expert-parallel "
+                               f"groups are {ep} consecutive ranks")
+    if stage == 3 and not shards_base:
+        raise TrainConfigError(f"{where}: {key}={ep} does not work with deepspeed.zero3_impl: deepspeed (DeepSpeed's "
+                               f"stage-3 engine refuses mixture-of-experts layers); use deepspeed.zero3_impl: "
+                               f"mixlora_ds (the default), which shards the frozen base the same way")
+    if stage == 0:
+        raise TrainConfigError(f"{where}: {key}={ep} needs ZeRO stage 1, 2 or 3 in the DeepSpeed config "
+                               f"({cfg.deepspeed.config}); it has zero_optimization.stage 0")
+
+
 def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> RunPlan:
     from mixlora_ds.train.build import adapter_config_for, check_adapter_targets, hf_config_for
     from mixlora_ds.train.schedule import warmup_steps_for
@@ -137,6 +164,7 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
         raise TrainConfigError(f"{where_of(cfg, 'model.compile')}: model.compile does not work with "
                                f"deepspeed.zero3_impl: deepspeed (DeepSpeed's stage-3 parameter hooks run inside "
                                f"the compiled layers); use zero3_impl: mixlora_ds, or model.compile: false")
+    check_expert_parallel(cfg, adapter_config, world_size, stage, shards_base)
     if shards_base and cfg.deepspeed.zero3_gather_transport == "copy_engine" and device != "cuda":
         # (whether every rank shares one host is checked when the base is sharded: it takes a collective)
         raise TrainConfigError(f"{where_of(cfg, 'deepspeed.zero3_gather_transport')}: "
