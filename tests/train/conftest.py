@@ -149,6 +149,25 @@ def start_training(nproc: int, config: Path, out_dir: Path, log: Path, *extra: s
                             stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def start_ranks(nproc: int, config: Path, out_dir: Path, log: Path, *extra: str) -> list[subprocess.Popen]:
+    """Start the ranks directly, one process each with the rendezvous variables, as srun or mpirun do:
+    no launcher between them and the test, so each rank's own exit status and reactions are seen.
+    Rank r writes to ``log`` with suffix ``.rank<r>``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank in range(nproc):
+        env = dict(launch_env(out_dir.parent), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        f = open(f"{log}.rank{rank}", "w")
+        procs.append(subprocess.Popen([sys.executable, TRAIN, "--config", str(config), *extra], env=env, cwd=REPO,
+                                      stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
 def worker_pids(launcher: subprocess.Popen) -> list[int]:
     import psutil
 
