@@ -128,7 +128,8 @@ def find_resume(spec: str | None, root: str, run_id: str | None = None) -> Check
     return info
 
 
-def select_checkpoint(spec: str | None, root: str, run_id: str | None = None) -> tuple[CheckpointInfo | None, list[str]]:
+def select_checkpoint(spec: str | None, root: str,
+                      run_id: str | None = None) -> tuple[CheckpointInfo | None, list[str]]:
     """The checkpoint to resume from, verified, and one warning per damaged checkpoint passed over.
 
     ``None``/"none": fresh start. "auto": the newest intact checkpoint under ``root`` of run

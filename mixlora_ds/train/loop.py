@@ -142,10 +142,9 @@ class Trainer:
                 atomic_write_text(os.path.join(cfg.output_dir, "ds_engine_config.json"),
                                   json.dumps(plan.engine_ds_config, indent=2) + "\n")
                 log.info("DeepSpeed engine config: %s", json.dumps(plan.engine_ds_config, sort_keys=True))
-        # On resume TensorBoard drops what the earlier writers logged after this step.
+        # TensorBoard drops what earlier writers of this run logged after the step it starts from.
         self.monitor = Monitor(cfg.tensorboard_dir, dist.is_main(), plan.total_steps,
-                               cfg.logging.progress_bar, start_step=self.step,
-                               purge_step=self.step + 1 if info is not None else None)
+                               cfg.logging.progress_bar, start_step=self.step, purge_step=self.step + 1)
 
     def _decide_start(self) -> RunStart:
         """Rank 0 decides which run this is and where it starts; every rank gets the same answer."""

@@ -18,7 +18,7 @@ import pytest
 from mixlora_ds.train.checkpoint import list_checkpoints, verify_checkpoint
 from mixlora_ds.train.signals import EXIT_RESUMABLE
 from tests.train.conftest import (REPO, RUN_TIMEOUT, TRAIN, assert_ok, dropout_config, kill_group, launch_env,
-                                  max_adapter_diff, read_metrics, run_config, run_training, start_ranks,
+                                  max_adapter_diff, read_metrics, run_config, run_ranks, run_training, start_ranks,
                                   start_training, wait_for_step, write_config)
 from tests.train.test_resume import assert_same_curve
 
@@ -42,7 +42,7 @@ def test_a_new_run_in_a_used_directory_is_refused_and_overwrite_replaces_only_th
     before = snapshot(out)
     cfg = write_config(run_config(assets, out, optim__lr=1e-3), runs_root / "reused.yaml")
 
-    refused = run_training(2, cfg, out)
+    refused = run_ranks(2, cfg, out)  # started as srun does: the ranks' own status and output
     assert refused.returncode == 2, refused.output[-3000:]
     assert refused.output.count("checkpoint error:") == 1  # one message, from rank 0
     assert f"holds the outputs of another training run (run {old_id})" in refused.output
@@ -74,7 +74,7 @@ def test_a_damaged_latest_checkpoint_is_refused_by_name_and_passed_over_by_resum
                newest / "rank_00000.pt", newest / "complete.json"]
     for victim in victims:  # a truncated file of each kind: one clear message, before any model is built
         victim.write_bytes(pristine[victim.name][: len(pristine[victim.name]) // 2])
-        explicit = run_training(2, cfg, out, "--resume", str(newest))
+        explicit = run_ranks(2, cfg, out, "--resume", str(newest))
         assert explicit.returncode == 2, explicit.output[-3000:]
         assert explicit.output.count("checkpoint error:") == 1, explicit.output[-3000:]
         assert f"checkpoint is damaged: {victim}" in explicit.output, explicit.output[-3000:]
@@ -198,7 +198,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_resumable(dropo
     cfg = write_config(dropout_config(assets, out) | {"checkpoint": {"every_steps": 4, "keep_last": 2,
                                                                       "dir": str(disk)}},
                        runs_root / "full_disk.yaml")
-    full = run_training(2, cfg, out)
+    full = run_ranks(2, cfg, out)
     assert full.returncode == 2, full.output[-3000:]
     assert full.output.count("checkpoint error:") == 1, full.output[-3000:]
     assert "saving checkpoint step_00000008 failed: no space left on the device" in full.output, full.output[-3000:]
