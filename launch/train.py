@@ -31,9 +31,9 @@ Exit status:
 Signals go to the ranks: Slurm signals every task, and the `deepspeed` per-node launcher forwards a
 SIGTERM to them (it kills ranks still saving after 30 s). A SIGTERM to the `deepspeed` command itself,
 or any death of the launcher, is not forwarded: each rank notices its launcher gone within a second and
-stops as on SIGTERM. torchrun and the `deepspeed` launcher report the 75 as a failed worker (they exit
-non-zero); for preemptible Slurm jobs use launch/slurm/train.sbatch (srun, one task per GPU: the exit
-status is the ranks').
+stops as on SIGTERM. The `deepspeed` command exits with its ranks' 75; torchrun reports it as a failed
+worker and exits 1 (the checkpoint is there all the same); for preemptible Slurm jobs use
+launch/slurm/train.sbatch (srun, one task per GPU: the exit status is the ranks').
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config YAML (see configs/)")
     p.add_argument("--resume", default=None,
-                   help="'auto' (newest complete checkpoint if any), a checkpoint directory, or 'none'")
+                   help="'auto' (this run's newest intact checkpoint, if any), a checkpoint directory, or 'none'")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an output directory that holds another run's outputs, deleting "
                         "them first (checkpoints, metrics, TensorBoard events, adapter, markers; nothing else)")
