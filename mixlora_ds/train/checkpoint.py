@@ -16,8 +16,9 @@ by the next successful save. Resume scans for the highest complete step of the r
 trusting ``latest``, so a crash between the two writes costs nothing, and checks every file's size
 and checksum first: ``--resume auto`` passes over a damaged checkpoint to the newest intact one
 with a warning that names the bad file; a damaged checkpoint named explicitly is refused.
-Checkpoints hold only the trainable adapter state, so hashing them (streamed, files in parallel)
-costs little next to writing them.
+Checkpoints hold only the trainable adapter state, and each rank hashes the files it wrote itself
+(streamed, in parallel threads), so the checksums cost little next to writing them
+(benchmarks/bench_checkpoint_checksums.py).
 """
 
 from __future__ import annotations
@@ -213,11 +214,23 @@ def _hash_all(path: str, rels: list[str]) -> list[str]:
         return list(pool.map(lambda rel: _sha256(os.path.join(path, rel)), rels))
 
 
-def file_manifest(path: str) -> dict[str, dict[str, Any]]:
-    """Size and SHA-256 of every file of a checkpoint (except its completion marker)."""
-    rels = _files_of(path)
+def file_manifest(path: str, rels: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of the files ``rels`` of a checkpoint (default: all but its completion marker)."""
+    rels = _files_of(path) if rels is None else rels
     digests = _hash_all(path, rels)
     return {rel: {"size": os.path.getsize(os.path.join(path, rel)), "sha256": d} for rel, d in zip(rels, digests)}
+
+
+_WRITER_RE = re.compile(r"(?:zero_pp_rank_|rank_)(\d+)")
+
+
+def writer_rank(rel: str, world_size: int) -> int:
+    """The rank that wrote a checkpoint file, judged by its name (DeepSpeed's ``*zero_pp_rank_<r>_*``
+    optimizer shards, our ``rank_<r>.pt``); rank 0 for the rest. It hashes the file while it is still
+    in its own page cache, which on a multi-node shared file system saves reading it over the network."""
+    m = _WRITER_RE.search(os.path.basename(rel))
+    r = int(m.group(1)) if m else 0
+    return r if r < world_size else 0
 
 
 def verify_checkpoint(info: CheckpointInfo) -> str | None:
@@ -311,10 +324,11 @@ class CheckpointManager:
         if failed:
             errors = dist.all_gather_object(None if error is None else _describe(error))
             self._fail(tag, [(r, e) for r, e in enumerate(errors) if e])
+        hashed = self._hash_own_files(tag, path, t0)
         message = None
         if dist.is_main():
             try:
-                self._complete(path, step, run_config_yaml, ds_config, t0, extra_meta)
+                self._complete(path, step, run_config_yaml, ds_config, t0, extra_meta, hashed)
             except Exception as e:
                 message = self._failure_message(tag, [(0, _describe(e))])
                 shutil.rmtree(path, ignore_errors=True)
@@ -323,8 +337,24 @@ class CheckpointManager:
             raise CheckpointError(message, True)
         return path
 
+    def _hash_own_files(self, tag: str, path: str, t0: float) -> dict[str, dict[str, Any]]:
+        """Collective: every rank checksums the files it wrote (in parallel threads); all get the union."""
+        t = time.time()
+        mine, error = {}, None
+        try:
+            rank, world = dist.rank(), dist.world_size()
+            mine = file_manifest(path, [rel for rel in _files_of(path) if writer_rank(rel, world) == rank])
+        except OSError as e:
+            error = _describe(e)
+        gathered = dist.all_gather_object((mine, error))
+        errors = [(r, e) for r, (_, e) in enumerate(gathered) if e]
+        if errors:
+            self._fail(tag, errors)
+        self._checksum_seconds = time.time() - t
+        return {rel: rec for files, _ in gathered for rel, rec in files.items()}
+
     def _complete(self, path: str, step: int, run_config_yaml: str, ds_config: dict[str, Any], t0: float,
-                  extra_meta: dict[str, Any] | None) -> None:
+                  extra_meta: dict[str, Any] | None, hashed: dict[str, dict[str, Any]]) -> None:
         """Rank 0, after every rank wrote its files: configs, checksums, the completion marker, pruning."""
         atomic_write_text(os.path.join(path, "run_config.yaml"), run_config_yaml)
         atomic_write_text(os.path.join(path, "ds_config.json"), json.dumps(ds_config, indent=2) + "\n")
@@ -333,9 +363,10 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: rank state files missing for ranks {missing}")
         _fsync_dir(path)
         t_hash = time.time()
-        files = file_manifest(path)
+        files = {**hashed, **file_manifest(path, [rel for rel in _files_of(path) if rel not in hashed])}
         meta = {"step": step, "run_id": self.run_id, "world_size": dist.world_size(), "time": time.time(),
-                "save_seconds": round(time.time() - t0, 3), "checksum_seconds": round(time.time() - t_hash, 3),
+                "save_seconds": round(time.time() - t0, 3),
+                "checksum_seconds": round(self._checksum_seconds + time.time() - t_hash, 3),
                 **(extra_meta or {}), "files": files}
         atomic_write_text(os.path.join(path, COMPLETE), json.dumps(meta, indent=2) + "\n")
         self._prune(step)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from mixlora_ds.train.checkpoint import (COMPLETE, CheckpointError, file_manifest, list_checkpoints,
-                                         select_checkpoint, verify_checkpoint)
+                                         select_checkpoint, verify_checkpoint, writer_rank)
 from mixlora_ds.train.run_dir import clear_previous_run, decide_start, truncate_metrics, write_run_record
 
 
@@ -147,3 +147,10 @@ def test_a_damaged_completion_marker_is_a_damaged_checkpoint(tmp_path):
     first.write_bytes(b"")
     with pytest.raises(CheckpointError, match="no intact checkpoint under"):
         select_checkpoint("auto", str(root), "r")
+
+
+def test_each_rank_hashes_the_files_it_wrote():
+    names = {"mp_rank_00_model_states.pt": 0, "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt": 3,
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt": 1, "rank_00002.pt": 2, "zero_to_fp32.py": 0,
+             "run_config.yaml": 0, "rank_00009.pt": 0}  # a rank beyond the world: rank 0 takes it
+    assert {n: writer_rank(n, 4) for n in names} == names
