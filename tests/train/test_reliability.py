@@ -5,7 +5,6 @@ disk or a kill during a checkpoint write loses nothing that was saved before."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
