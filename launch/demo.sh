@@ -42,7 +42,8 @@ step "3/5 tiny base with random weights -> $OUT/base"
 step "4/5 train: deepspeed, $NPROC ranks, ZeRO-3 -> $OUT/run"
 deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --config configs/tiny.yaml \
     --model.name_or_path "$OUT/base" --data.train_dir "$OUT/data" --output_dir "$OUT/run" \
-    --schedule.num_epochs "$EPOCHS" ${STEPS:+--max_steps "$STEPS"} --logging.progress_bar false
+    --schedule.num_epochs "$EPOCHS" ${STEPS:+--max_steps "$STEPS"} --logging.progress_bar false \
+    --overwrite  # a demo run again replaces its previous run (training refuses to mix two runs)
 # The launcher's shared-memory segments (if its CPU all-reduce op was ever built) outlive the run.
 rm -f /dev/shm/deepspeed_allreduce_buffer_* 2>/dev/null || true
 

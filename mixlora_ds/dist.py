@@ -235,6 +235,27 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return obj
 
 
+_PEER_FAILURE_TEXT = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
+                      "timed out", "Connection refused")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone (died, killed, host lost) or did
+    not answer within the collective timeout, as gloo and NCCL report it."""
+    if isinstance(error, getattr(torch.distributed, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(t in str(error) for t in _PEER_FAILURE_TEXT)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 

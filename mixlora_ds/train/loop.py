@@ -27,24 +27,28 @@ import torch
 from mixlora_ds import dist
 from mixlora_ds.train.batches import (IGNORE, BatchStream, answer_token_count, model_inputs, real_token_mask,
                                       token_ce)
-from mixlora_ds.train.checkpoint import CheckpointManager, find_resume
+from mixlora_ds.train.checkpoint import CheckpointError, CheckpointManager
 from mixlora_ds.train.config import TrainConfig, dump_config
 from mixlora_ds.train.ds_config import zero_stage
 from mixlora_ds.train.gc_schedule import ScheduledGC
 from mixlora_ds.train.metrics import Interval, flop_per_token
 from mixlora_ds.train.monitor import Monitor, peak_memory_gb
 from mixlora_ds.train.plan import RunPlan
-from mixlora_ds.train.signals import StopRequest
+from mixlora_ds.train.run_dir import (METRICS, TRAIN_COMPLETE, TRAIN_STOPPED, RunStart, decide_start,
+                                      truncate_metrics, write_run_record)
+from mixlora_ds.train.signals import EXIT_RESUMABLE, StopRequest
 
 log = logging.getLogger("mixlora_ds.train")
 
 
 # ----------------------------------------------------------------------------------------- train
 class Trainer:
-    def __init__(self, plan: RunPlan, resume: str | None):
+    def __init__(self, plan: RunPlan, resume: str | None, overwrite: bool = False, watch_launcher: bool = False):
         self.plan = plan
         self.cfg: TrainConfig = plan.cfg
         self.resume_spec = resume if resume is not None else self.cfg.checkpoint.resume
+        self.overwrite = overwrite
+        self.watch_launcher = watch_launcher
         self.rank = dist.rank()
         self.world = dist.world_size()
         self.device = dist.device()
@@ -56,7 +60,8 @@ class Trainer:
         from mixlora_ds.train.schedule import build_scheduler
 
         cfg, plan = self.cfg, self.plan
-        self.stop.install()
+        self.stop.install(watch_launcher=self.watch_launcher)
+        self.start = self._decide_start()  # before the model is built: a refused start costs nothing
         built = build_model(cfg, plan.ds_config, plan.precision, plan.stage)
         self.built = built
         total, trainable = count_parameters(built.model)
@@ -103,11 +108,11 @@ class Trainer:
         self.flops_per_token = flop_per_token(self.model, plan.hf_config, seq)
         self.compute_dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
 
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, self.start.run_id)
         self.engine_stage = zero_stage(plan.engine_ds_config)  # decides the checkpoint's file layout
         self.run_config_yaml = dump_config(cfg)
         self.step = 0
-        info = find_resume(self.resume_spec, cfg.checkpoint_dir)
+        info = self.start.resume
         if info is not None:
             self._check_saved_expert_parallel(info)
             state = self.ckpt.load(self.engine, info, self.engine_stage)
@@ -120,11 +125,19 @@ class Trainer:
             log.info("resumed from %s at step %d", info.path, self.step)
         elif self.resume_spec == "auto":
             log.info("--resume auto: no complete checkpoint under %s, starting fresh", cfg.checkpoint_dir)
-        self.complete_marker = os.path.join(cfg.output_dir, "train_complete.json")
+        self.complete_marker = os.path.join(cfg.output_dir, TRAIN_COMPLETE)
+        self.stopped_marker = os.path.join(cfg.output_dir, TRAIN_STOPPED)
+        self.metrics_path = os.path.join(cfg.output_dir, METRICS)
         if dist.is_main():
             os.makedirs(cfg.output_dir, exist_ok=True)
-            if os.path.exists(self.complete_marker):
-                os.remove(self.complete_marker)
+            for marker in (self.complete_marker, self.stopped_marker):
+                if os.path.exists(marker):
+                    os.remove(marker)
+            write_run_record(cfg.output_dir, self.start.run_id, cfg.run_name)
+            dropped = truncate_metrics(self.metrics_path, self.step)
+            if dropped:
+                log.info("%s: dropped %d rows logged after step %d (the run continues from there)",
+                         self.metrics_path, dropped, self.step)
             from mixlora_ds.utils.atomic import atomic_write_text
 
             atomic_write_text(os.path.join(cfg.output_dir, "run_config.yaml"), self.run_config_yaml)
@@ -135,9 +148,27 @@ class Trainer:
                 atomic_write_text(os.path.join(cfg.output_dir, "ds_engine_config.json"),
                                   json.dumps(plan.engine_ds_config, indent=2) + "\n")
                 log.info("DeepSpeed engine config: %s", json.dumps(plan.engine_ds_config, sort_keys=True))
+        # TensorBoard drops what earlier writers of this run logged after the step it starts from.
         self.monitor = Monitor(cfg.tensorboard_dir, dist.is_main(), plan.total_steps,
-                               cfg.logging.progress_bar, start_step=self.step)
-        self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+                               cfg.logging.progress_bar, start_step=self.step, purge_step=self.step + 1)
+
+    def _decide_start(self) -> RunStart:
+        """Rank 0 decides which run this is and where it starts; every rank gets the same answer."""
+        start, error = None, None
+        if dist.is_main():
+            try:
+                start = decide_start(self.cfg, self.resume_spec, self.overwrite)
+            except CheckpointError as e:
+                error = str(e)
+            except OSError as e:
+                error = f"{self.cfg.output_dir}: {e}"
+        start, error = dist.broadcast_object((start, error))
+        if error:
+            raise CheckpointError(error, True)
+        if dist.is_main():
+            for warning in start.warnings:
+                log.warning("%s", warning)
+        return start
 
     def _expert_optimizer(self, built):
         """Under expert parallelism, the optimizer of this rank's experts (linked to the engine)."""
@@ -237,11 +268,6 @@ class Trainer:
             iv.entropy_L += s.entropy_L.double() * s.tokens
             iv.routed_tokens += s.tokens
             iv.dropped_L += s.dropped_L.double()
-
-    def check_finite(self, iv: Interval) -> None:
-        """Refuse to go on (and to save) once the loss is NaN/inf on any rank."""
-        if iv.steps:
-            _raise_if_diverged(dist.all_reduce_(torch.stack(iv.ce).sum().view(1)).cpu().numpy(), iv)
 
     # ----------------------------------------------------------------------------------- logging
     def flush_interval(self, iv: Interval) -> None:
@@ -410,7 +436,10 @@ class Trainer:
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                     self.evaluate()
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
-                    self.check_finite(iv)
+                    # Metrics up to a checkpoint are on disk before it (and checked finite): a run
+                    # resumed from it logs on from there without a gap.
+                    self.flush_interval(iv)
+                    iv = Interval(*self.interval_shape, self.device)
                     self.save("periodic")
                     last_saved = self.step
         finally:
@@ -418,11 +447,19 @@ class Trainer:
         self.flush_interval(iv)
         if stopped:
             if dist.is_main():
-                self.monitor.line(f"{self.stop.name or 'stop'} received: saving at step {self.step} and exiting")
+                self.monitor.line(f"{self.stop.cause}: saving at step {self.step} and exiting "
+                                  f"with status {EXIT_RESUMABLE} (resume with --resume auto)")
             if last_saved != self.step:
-                self.save(f"signal {self.stop.name}", self.data_state)
+                self.save(self.stop.reason or "stop", self.data_state)
+            if dist.is_main():
+                from mixlora_ds.utils.atomic import atomic_write_text
+
+                # Tells a job script that this run stopped with a checkpoint saved, whatever exit status
+                # its launcher ends up reporting (srun --kill-on-bad-exit may kill a rank exiting after).
+                atomic_write_text(self.stopped_marker, json.dumps({"step": self.step, "reason": self.stop.reason,
+                                                                   "exit": EXIT_RESUMABLE}) + "\n")
             self.monitor.close()
-            return 0
+            return EXIT_RESUMABLE
         if cfg.eval.at_end and not (cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0):
             self.evaluate()
         if cfg.checkpoint.save_final and last_saved != self.step:
@@ -448,8 +485,9 @@ def _task_names(manifest: dict[str, Any]) -> list[str]:
     return [t if isinstance(t, str) else t.get("name", str(i)) for i, t in enumerate(tasks)]
 
 
-def train(plan: RunPlan, resume: str | None = None) -> int:
-    trainer = Trainer(plan, resume)
+def train(plan: RunPlan, resume: str | None = None, overwrite: bool = False, watch_launcher: bool = False) -> int:
+    """Run training; returns the exit status (0 finished, ``EXIT_RESUMABLE`` stopped with a checkpoint)."""
+    trainer = Trainer(plan, resume, overwrite, watch_launcher)
     trainer.setup()
     return trainer.run()
 

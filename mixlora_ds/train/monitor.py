@@ -31,7 +31,10 @@ log = logging.getLogger("mixlora_ds.train")
 
 
 class Monitor:
-    def __init__(self, tb_dir: str | None, enabled: bool, total_steps: int, progress_bar: bool, start_step: int = 0):
+    def __init__(self, tb_dir: str | None, enabled: bool, total_steps: int, progress_bar: bool, start_step: int = 0,
+                 purge_step: int | None = None):
+        """``purge_step``: on resume, the first step this run logs again; TensorBoard then discards the
+        events that earlier writers in ``tb_dir`` logged from that step on."""
         self.enabled = enabled
         self.writer = None
         self.bar = None
@@ -41,7 +44,7 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(tb_dir, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=tb_dir)
+            self.writer = SummaryWriter(log_dir=tb_dir, purge_step=purge_step)
         if progress_bar:
             from tqdm import tqdm
 

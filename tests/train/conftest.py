@@ -149,6 +149,40 @@ def start_training(nproc: int, config: Path, out_dir: Path, log: Path, *extra: s
                             stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def start_ranks(nproc: int, config: Path, out_dir: Path, log: Path, *extra: str) -> list[subprocess.Popen]:
+    """Start the ranks directly, one process each with the rendezvous variables, as srun or mpirun do:
+    no launcher between them and the test, so each rank's own exit status and reactions are seen.
+    Rank r writes to ``log`` with suffix ``.rank<r>``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank in range(nproc):
+        env = dict(launch_env(out_dir.parent), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        f = open(f"{log}.rank{rank}", "w")
+        procs.append(subprocess.Popen([sys.executable, TRAIN, "--config", str(config), *extra], env=env, cwd=REPO,
+                                      stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def run_ranks(nproc: int, config: Path, out_dir: Path, *extra: str, timeout: int = RUN_TIMEOUT) -> RunResult:
+    """:func:`start_ranks` to the end: ``returncode`` is the first non-zero status of a rank (else 0),
+    ``output`` every rank's, in rank order."""
+    t = time.time()
+    log = out_dir.parent / f"{out_dir.name}.direct.log"
+    procs = start_ranks(nproc, config, out_dir, log, *extra)
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            kill_group(p, 9)
+    output = "".join(Path(f"{log}.rank{r}").read_text() for r in range(nproc))
+    return RunResult(next((c for c in codes if c), 0), output, out_dir, time.time() - t)
+
+
 def worker_pids(launcher: subprocess.Popen) -> list[int]:
     import psutil
 
@@ -195,10 +229,23 @@ def read_eval(out_dir: Path) -> dict[int, float]:
 
 
 def kill_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the launch's process group and every process below it: torchrun starts each worker in
+    a session of its own, out of the launcher's group."""
+    import psutil
+
+    try:
+        below = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        below = []
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+    for pid in below:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
