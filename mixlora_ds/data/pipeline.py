@@ -336,6 +336,7 @@ def _manifest(config: PrepareConfig, fingerprint: dict[str, Any], token_dtype: s
             "shards": shard_list,
             "rows": rows,
             "examples": sum(s["examples"] for s in shard_list),
+            "max_token_id": max(s["max_token_id"] for s in shard_list),
             "tokens": tokens,
             "trained_tokens": sum(st.trained_tokens for st in task_stats[split]),
             "slots": slots,

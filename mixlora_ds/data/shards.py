@@ -185,7 +185,8 @@ class ShardWriter:
         np.save(d / "example_sources.npy", head.example_sources)
         np.save(d / "example_ordinals.npy", head.example_ordinals)
         self.shards.append({"name": name, "rows": head.num_rows,
-                            "examples": int(head.example_lens.shape[0])})
+                            "examples": int(head.example_lens.shape[0]),
+                            "max_token_id": int(head.input_ids_RS.max())})
 
 
 def _concat_rows(parts: list[PackedRows]) -> PackedRows:
@@ -247,3 +248,20 @@ def open_shard(data_dir: str | os.PathLike, split: str, name: str) -> dict[str, 
     for f in EXAMPLE_FILES:
         arrays[f] = np.load(d / f"{f}.npy")
     return arrays
+
+
+def max_token_id(data_dir: str | os.PathLike, manifest: dict[str, Any], split: str) -> int | None:
+    """The largest token id (padding included) in ``split``, None when the split has no rows.
+
+    Recorded by prepare in each shard's manifest entry; for outputs of earlier versions it is
+    read from the memory-mapped shards (one pass over the token ids)."""
+    shards = manifest.get("splits", {}).get(split, {}).get("shards", [])
+    ids = []
+    for shard in shards:
+        if "max_token_id" in shard:
+            ids.append(int(shard["max_token_id"]))
+        else:
+            tokens = np.load(Path(data_dir) / split / shard["name"] / "input_ids.npy", mmap_mode="r")
+            if tokens.size:
+                ids.append(int(tokens.max()))
+    return max(ids) if ids else None
