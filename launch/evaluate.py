@@ -101,7 +101,7 @@ def _init_distributed() -> tuple[int, int]:
     """Join the launcher's process group when there is one (torchrun, deepspeed, srun)."""
     from mixlora_ds import dist
 
-    dist.map_slurm_env()
+    dist.map_launcher_env()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     dist.init_distributed()

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mixlora_ds import dist
 
-    dist.map_slurm_env()
+    dist.map_launcher_env()
     from mixlora_ds.train.monitor import setup_logging
 
     rank = dist.rank()
