@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _init_distributed() -> tuple[int, int]:
-    """Join the launcher's process group when there is one (torchrun, deepspeed, srun)."""
+    """Join the launcher's process group when there is one (torchrun, deepspeed, srun, mpirun)."""
     from mixlora_ds import dist
 
     dist.map_launcher_env()

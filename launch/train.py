@@ -6,6 +6,9 @@ One process (CPU or one GPU):
 One node, N processes (GPUs; on CPU add DS_ACCELERATOR=cpu and OMP_NUM_THREADS=1):
     deepspeed --num_gpus N launch/train.py --config configs/llama2-7b-mixlora.yaml
     torchrun --standalone --nproc_per_node N launch/train.py --config configs/llama2-7b-mixlora.yaml
+    mpirun -np N python launch/train.py --config configs/llama2-7b-mixlora.yaml
+        (ranks from Open MPI's or MPICH's variables; across nodes rank 0's host comes from mpi4py,
+        pip install mixlora_ds[mpi], or mpirun -x MASTER_ADDR=HOST)
 Several nodes (Slurm; one task per GPU, ranks taken from SLURM_* variables):
     sbatch --nodes 2 launch/slurm/train.sbatch configs/llama2-7b-mixlora.yaml
     (or inside an allocation: srun --ntasks-per-node 8 python launch/train.py --config ...)
@@ -14,7 +17,7 @@ Overrides, then resume after preemption:
     ... launch/train.py --config configs/tiny.yaml --resume auto
 
 Exit status: 0 when training finished or a SIGTERM/SIGUSR1 stop saved a checkpoint; 2 for a bad
-config (reported by every rank before any communication); 3 when the loss or gradient norm stopped
+config or data that does not fit the model (reported by every rank before any communication); 3 when the loss or gradient norm stopped
 being finite (nothing saved after it); 1 otherwise. The `deepspeed` launcher forwards a SIGTERM to the
 ranks, which save as above, but it exits 1 itself and kills ranks still saving after 30 s; for
 preemptible Slurm jobs use launch/slurm/train.sbatch (srun, one task per GPU: the exit status is the
