@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-shard", type=int, help="packed rows per shard (default 2048)")
     p.add_argument("--pack-window-tokens", type=int,
                    help="tokens buffered per packing window (default 4194304)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is an earlier prepare output (a "
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that is an earlier prepare output (a "
                         "manifest.json and the train/eval shards, nothing else)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")

@@ -17,7 +17,7 @@ Overrides, then resume after preemption:
     ... launch/train.py --config configs/tiny.yaml --resume auto
 
 Exit status: 0 when training finished or a SIGTERM/SIGUSR1 stop saved a checkpoint; 2 for a bad
-config or data that does not fit the model (reported by every rank before any communication); 3 when the loss or gradient norm stopped
+config (reported by every rank before any communication); 3 when the loss or gradient norm stopped
 being finite (nothing saved after it); 1 otherwise. The `deepspeed` launcher forwards a SIGTERM to the
 ranks, which save as above, but it exits 1 itself and kills ranks still saving after 30 s; for
 preemptible Slurm jobs use launch/slurm/train.sbatch (srun, one task per GPU: the exit status is the

@@ -14,8 +14,8 @@
 Everything is written under a temporary sibling directory that is renamed to OUT only after the
 manifest is written, so a failed or interrupted run never leaves a directory that looks complete
 and never touches an earlier OUT. The rename never replaces a directory another job published
-meanwhile, and ``--overwrite`` replaces only an earlier prepare output. No timestamps or process-dependent values are written: the same
-inputs and settings give byte-identical output.
+meanwhile, and ``--overwrite`` replaces only an earlier prepare output. No timestamps or
+process-dependent values are written: the same inputs and settings give byte-identical output.
 """
 
 from __future__ import annotations

@@ -63,19 +63,18 @@ def same_tokenization(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def check_tokenizer(cfg: TrainConfig, key: str, data_dir: str, manifest: dict[str, Any],
                     expected: dict[str, Any] | None, expected_name: str) -> None:
-    """Compare the tokenizer ``data_dir`` was prepared with against ``expected`` (the model's)."""
+    """Compare the tokenizer ``data_dir`` was prepared with against ``expected`` (fingerprints)."""
     data_fp = manifest.get("tokenizer")
     if expected is None or not isinstance(data_fp, dict) or same_tokenization(data_fp, expected):
         return
-    model_fp = expected
     message = (f"{where_of(cfg, key)}: {key}={data_dir!r} was prepared with tokenizer "
-               f"{describe(data_fp)}, but {expected_name} is {describe(model_fp)}: "
+               f"{describe(data_fp)}, but {expected_name} is {describe(expected)}: "
                f"they give different token ids for the same text")
     if cfg.data.allow_tokenizer_mismatch:
         logger.warning("%s; training anyway (%s is true)", message, ALLOW_KEY)
         return
     raise TrainConfigError(
-        f"{message}. Prepare the data again with --tokenizer {model_fp.get('path')}, or use the model "
+        f"{message}. Prepare the data again with --tokenizer {expected.get('path')}, or use the model "
         f"and tokenizer the data was prepared for; to train on this data on purpose, set {ALLOW_KEY}: true "
         f"(or --{ALLOW_KEY} true)")
 

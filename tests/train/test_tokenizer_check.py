@@ -58,7 +58,8 @@ def test_other_tokenizer_of_the_same_size_is_refused_under_validate_only(assets,
     p = validate(assets, tmp_path, model__name_or_path=str(model))
     assert p.returncode == 2, p.stdout + p.stderr
     err = p.stderr
-    assert "run.yaml:" in err and f"data.train_dir='{assets.data}' was prepared with tokenizer {assets.tokenizer}" in err
+    assert "run.yaml:" in err
+    assert f"data.train_dir='{assets.data}' was prepared with tokenizer {assets.tokenizer}" in err
     assert f"the model's tokenizer (model.name_or_path) is {model}" in err
     assert err.count("fingerprint") >= 2 and "different token ids" in err
     assert f"--tokenizer {model}" in err and "data.allow_tokenizer_mismatch: true" in err
