@@ -50,12 +50,17 @@ def _describe(path: Path, limit: int = 5) -> str:
     return shown or "nothing"
 
 
+def _not_a_directory(out: Path) -> DataError:
+    kind = "a symbolic link" if out.is_symlink() else "an existing file"
+    return DataError(f"{out}: --out is {kind}, not a directory; choose another --out (nothing "
+                     f"was replaced)", reason="exists", field="out")
+
+
 def check_replaceable_output(out: Path) -> None:
     """Refuse to replace ``out`` unless it is a previous prepare output and nothing else: a
     directory holding a manifest written by prepare, and only what prepare writes."""
     if out.is_symlink() or not out.is_dir():
-        raise DataError(f"{out}: --out is an existing file, not a directory; choose another "
-                        f"--out (nothing was replaced)", reason="exists", field="out")
+        raise _not_a_directory(out)
     manifest = out / MANIFEST
     try:
         is_prepared = isinstance(json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer"),
@@ -90,8 +95,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
                         f"not a prepare output; it holds: {_describe(out)}")
                 raise DataError(f"{out}: output directory already exists ({kind})",
                                 reason="exists", field="out")
-            raise DataError(f"{out}: --out is an existing file, not a directory; choose another "
-                            f"--out", reason="exists", field="out")
+            raise _not_a_directory(out)
         check_replaceable_output(out)
         replaced_inode = os.stat(out).st_ino
     out.parent.mkdir(parents=True, exist_ok=True)
