@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -115,7 +116,16 @@ def build_tokenizer(texts_or_files: Iterable[str | os.PathLike], out_dir: str | 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if len(check) < vocab_size:
+        warnings.warn(VocabularyShortfall(
+            f"{out}: requested a vocabulary of {vocab_size} tokens, got {len(check)}: the training "
+            f"text has fewer distinct pieces to merge (sentencepiece stops early rather than fail); "
+            f"give more or more varied text for a larger vocabulary, or ask for {len(check)}"))
     return out
+
+
+class VocabularyShortfall(UserWarning):
+    """The built tokenizer has fewer tokens than requested."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,7 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"error: input not found: {', '.join(missing)}", file=sys.stderr)
         return 2
-    out = build_tokenizer(args.input, args.out, args.vocab_size, max_sentences=args.max_sentences)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", VocabularyShortfall)
+        out = build_tokenizer(args.input, args.out, args.vocab_size, max_sentences=args.max_sentences)
+    for w in caught:
+        if issubclass(w.category, VocabularyShortfall):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     print(f"wrote {out}")
     return 0
 

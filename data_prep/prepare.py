@@ -13,8 +13,10 @@ Run it before training, e.g. as its own batch job:
 hellaswag, winogrande) in its public schema, or instruction records (TASK = instruction
 (detected per record), alpaca, pair or chat; the default). ``hf:TASK`` loads a task's public
 dataset by name when the machine is online. Flags override the settings of a mixture file.
-Exit status: 0 on success, 2 on bad input (message names file, line and field), 130 when
-interrupted; the output directory is then left as it was.
+Exit status: 0 on success, 2 on bad input (message names file, line and field) or an --out that
+cannot be published (an existing file, a directory that is not an earlier prepare output, or an
+output another job published there first), 130 when interrupted; the output directory is then
+left as it was.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-shard", type=int, help="packed rows per shard (default 2048)")
     p.add_argument("--pack-window-tokens", type=int,
                    help="tokens buffered per packing window (default 4194304)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that is an earlier prepare output (a "
+                        "manifest.json and the train/eval shards, nothing else)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
     return p

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The whole product on one CPU machine in a few minutes (2 cores are enough):
+# The whole product on one machine in a few minutes (2 CPU cores are enough; GPUs are used when present):
 #   1. the project's sample data (8 commonsense tasks + Alpaca-style records) and a tokenizer trained on it
 #   2. packed, memory-mapped shards (data_prep/prepare.py)
 #   3. the tiny LLaMA base of configs/tiny.yaml, saved with random weights so evaluation loads the same model
-#   4. MixLoRA training with DeepSpeed ZeRO-3 on 2 ranks (gloo), checkpoints, TensorBoard, adapter export
+#   4. MixLoRA training with DeepSpeed ZeRO-3 (2 CPU ranks on gloo, or one rank per GPU), checkpoints,
+#      TensorBoard, adapter export
 #   5. accuracy of the base alone and of base + adapter on the held-out split of every task
 #
-#   bash launch/demo.sh [OUT_DIR]     (default runs/demo; environment: NPROC=2, EPOCHS=3, STEPS=<all>)
+#   bash launch/demo.sh [OUT_DIR]     (default runs/demo; environment: EPOCHS=3, STEPS=<all>, and
+#                                      DS_ACCELERATOR / NPROC: default the GPUs torch sees, one rank
+#                                      each, else cpu with 2 ranks)
 # Afterwards: tensorboard --logdir OUT_DIR/run/tensorboard
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,11 +18,13 @@ cd "$(dirname "$0")/.."
 . scripts/setup_env.sh
 set -u
 OUT=${1:-runs/demo}
-NPROC=${NPROC:-2}
 EPOCHS=${EPOCHS:-3}
 STEPS=${STEPS:-}
 PY=${PYTHON:-python}
-export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
+# The GPUs when torch sees any (one rank each), else 2 CPU ranks; DS_ACCELERATOR / NPROC override.
+# shellcheck disable=SC1091
+. scripts/detect_accelerator.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 # A private JIT cache: a killed build elsewhere cannot leave a lock that hangs this run.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$OUT/torch_extensions}
 PORT=${MASTER_PORT:-$(( 29600 + RANDOM % 2000 ))}
@@ -39,7 +44,7 @@ step "2/5 tokenize and pack -> $OUT/data"
 step "3/5 tiny base with random weights -> $OUT/base"
 "$PY" launch/make_base.py --run-config configs/tiny.yaml --tokenizer "$OUT/tokenizer" --out "$OUT/base"
 
-step "4/5 train: deepspeed, $NPROC ranks, ZeRO-3 -> $OUT/run"
+step "4/5 train: deepspeed, $NPROC ranks on $DS_ACCELERATOR, ZeRO-3 -> $OUT/run"
 deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --config configs/tiny.yaml \
     --model.name_or_path "$OUT/base" --data.train_dir "$OUT/data" --output_dir "$OUT/run" \
     --schedule.num_epochs "$EPOCHS" ${STEPS:+--max_steps "$STEPS"} --logging.progress_bar false \

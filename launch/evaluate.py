@@ -98,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _init_distributed() -> tuple[int, int]:
-    """Join the launcher's process group when there is one (torchrun, deepspeed, srun)."""
+    """Join the launcher's process group when there is one (torchrun, deepspeed, srun, mpirun)."""
     from mixlora_ds import dist
 
-    dist.map_slurm_env()
+    dist.map_launcher_env()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     dist.init_distributed()

@@ -6,6 +6,9 @@ One process (CPU or one GPU):
 One node, N processes (GPUs; on CPU add DS_ACCELERATOR=cpu and OMP_NUM_THREADS=1):
     deepspeed --num_gpus N launch/train.py --config configs/llama2-7b-mixlora.yaml
     torchrun --standalone --nproc_per_node N launch/train.py --config configs/llama2-7b-mixlora.yaml
+    mpirun -np N python launch/train.py --config configs/llama2-7b-mixlora.yaml
+        (ranks from Open MPI's or MPICH's variables; across nodes rank 0's host comes from mpi4py,
+        pip install mixlora_ds[mpi], or mpirun -x MASTER_ADDR=HOST)
 Several nodes (Slurm; one task per GPU, ranks taken from SLURM_* variables):
     sbatch --nodes 2 launch/slurm/train.sbatch configs/llama2-7b-mixlora.yaml
     (or inside an allocation: srun --ntasks-per-node 8 python launch/train.py --config ...)
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mixlora_ds import dist
 
-    dist.map_slurm_env()
+    dist.map_launcher_env()
     from mixlora_ds.train.monitor import setup_logging
 
     rank = dist.rank()

@@ -1,9 +1,10 @@
 """Rank and environment helpers for the launchers this project supports.
 
-`deepspeed`, `torchrun` and `mpirun`/`srun --mpi=pmix` all end in the five variables that
-``torch.distributed``'s env:// rendezvous reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT). Plain ``srun`` sets only SLURM_* variables, and DeepSpeed reads none of them, so
-:func:`map_slurm_env` translates them before anything initialises.
+`deepspeed` and `torchrun` set the five variables that ``torch.distributed``'s env:// rendezvous
+reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Plain ``srun`` sets only SLURM_*
+variables and ``mpirun`` only its own (OMPI_COMM_WORLD_* for Open MPI, PMI_* for MPICH and Intel
+MPI); :func:`map_launcher_env` translates them before anything reads the world size or
+initialises, so config validation already sees the right world.
 
 Everything here works before ``torch.distributed`` is initialised (it then reads the environment),
 so config validation can name the failing rank without any collective.
@@ -114,6 +115,61 @@ def map_slurm_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return updates
 
 
+# (rank, world size, local rank, ranks on this node) variables of each MPI family.
+_MPI_VARIABLES = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+)
+
+
+def map_mpi_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from the variables ``mpirun`` sets.
+
+    Never overrides variables already set (a launcher's, or ``mpirun -x MASTER_ADDR=...``). When
+    every rank runs on one node the rendezvous is 127.0.0.1, found without any communication. Across
+    nodes rank 0's host name is broadcast with mpi4py (``pip install mixlora_ds[mpi]``); DeepSpeed's
+    own MPI discovery is not used, since it takes the first address of ``hostname -I``, which is
+    empty on hosts with loopback only. The port is derived from the MPI job id, so two jobs on one
+    node do not collide. Returns what it set.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env:
+        return {}
+    names = next((n for n in _MPI_VARIABLES if n[0] in env), None)
+    if names is None:
+        return {}
+    rank_var, size_var, local_rank_var, local_size_var = names
+    updates = {"RANK": env[rank_var], "WORLD_SIZE": env.get(size_var, "1"),
+               "LOCAL_RANK": env.get(local_rank_var, "0")}
+    if "MASTER_ADDR" not in env:
+        one_node = env.get(local_size_var, "") == updates["WORLD_SIZE"]
+        updates["MASTER_ADDR"] = "127.0.0.1" if one_node else _mpi_rank0_host()
+    if "MASTER_PORT" not in env:
+        job = env.get("OMPI_MCA_ess_base_jobid") or env.get("PMIX_NAMESPACE") or ""
+        digits = "".join(c for c in job if c.isdigit())
+        updates["MASTER_PORT"] = str(20000 + int(digits) % 20000) if digits else str(DEFAULT_PORT)
+    env.update(updates)
+    return updates
+
+
+def _mpi_rank0_host() -> str:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise RuntimeError(
+            "mpirun started ranks on several nodes and MASTER_ADDR is not set: install mpi4py "
+            "(pip install mixlora_ds[mpi]) so rank 0's host is found, or pass it: mpirun -x "
+            "MASTER_ADDR=<rank 0's host> ...") from None
+    import socket
+
+    return MPI.COMM_WORLD.bcast(socket.gethostname(), root=0)
+
+
+def map_launcher_env() -> dict[str, str]:
+    """The rendezvous variables from whichever launcher started this process (Slurm, then MPI)."""
+    return map_slurm_env() or map_mpi_env()
+
+
 def _env_int_from(env: dict[str, str], name: str, default: int) -> int:
     value = env.get(name, "")
     return int(value) if value.isdigit() else default
@@ -142,7 +198,7 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
 
     if torch.distributed.is_initialized():
         return
-    map_slurm_env()
+    map_launcher_env()
     skip_cpu_shm_comm_build()
     kwargs: dict[str, Any] = {"auto_mpi_discovery": "RANK" not in os.environ, "verbose": False}
     timeout = collective_timeout(timeout_minutes)

@@ -270,14 +270,23 @@ def prepare(config: PrepareConfig, log: TextIO | None = None) -> dict[str, Any]:
             packers[split].flush()
         shards = {split: writers[split].close() for split in ("train", "eval")}
         if not shards["train"]:
-            raise DataError("no training examples: every input was empty, held out, skipped or "
-                            "dropped", reason="no_examples")
+            raise DataError(_no_examples_message(config, task_stats["train"]), reason="no_examples")
         manifest = _manifest(config, fingerprint, token_dtype, pad_id, tasks, plans, shards,
                              task_stats, source_stats)
         write_manifest(tmp, manifest)
         _check_stop()  # last chance before the output is published
     _print_summary(manifest, time.perf_counter() - t_start, _cpu_seconds() - cpu_start, log)
     return manifest
+
+
+def _no_examples_message(config: PrepareConfig, train_stats: list[_TaskStats]) -> str:
+    dropped = sum(st.dropped for st in train_stats)
+    if dropped:
+        why = ("longer than" if config.overlong == "drop" else
+               "with no response token left after truncation to")
+        return (f"no training examples: all {dropped} training examples were dropped as {why} "
+                f"--seq-len {config.seq_len} (overlong: {config.overlong}); raise --seq-len")
+    return "no training examples: every input was empty, held out or skipped"
 
 
 def _cpu_seconds() -> float:
@@ -327,6 +336,7 @@ def _manifest(config: PrepareConfig, fingerprint: dict[str, Any], token_dtype: s
             "shards": shard_list,
             "rows": rows,
             "examples": sum(s["examples"] for s in shard_list),
+            "max_token_id": max(s["max_token_id"] for s in shard_list),
             "tokens": tokens,
             "trained_tokens": sum(st.trained_tokens for st in task_stats[split]),
             "slots": slots,

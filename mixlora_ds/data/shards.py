@@ -13,8 +13,9 @@
 
 Everything is written under a temporary sibling directory that is renamed to OUT only after the
 manifest is written, so a failed or interrupted run never leaves a directory that looks complete
-and never touches an earlier OUT. No timestamps or process-dependent values are written: the same
-inputs and settings give byte-identical output.
+and never touches an earlier OUT. The rename never replaces a directory another job published
+meanwhile, and ``--overwrite`` replaces only an earlier prepare output. No timestamps or
+process-dependent values are written: the same inputs and settings give byte-identical output.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 
 from mixlora_ds.data.errors import DataError
 from mixlora_ds.data.packing import PackedRows
+from mixlora_ds.utils.atomic import rename_noreplace
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -38,32 +40,104 @@ ROW_FILES = ("input_ids", "loss_mask")
 EXAMPLE_FILES = ("example_lens", "example_tasks", "example_sources", "example_ordinals")
 
 
+# What a prepare output holds: --overwrite replaces a directory only when it holds nothing else.
+OUTPUT_ENTRIES = {MANIFEST, "train", "eval"}
+
+
+def _describe(path: Path, limit: int = 5) -> str:
+    names = sorted(os.listdir(path))
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} entries)" if len(names) > limit else "")
+    return shown or "nothing"
+
+
+def _not_a_directory(out: Path) -> DataError:
+    kind = "a symbolic link" if out.is_symlink() else "an existing file"
+    return DataError(f"{out}: --out is {kind}, not a directory; choose another --out (nothing "
+                     f"was replaced)", reason="exists", field="out")
+
+
+def check_replaceable_output(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is a previous prepare output and nothing else: a
+    directory holding a manifest written by prepare, and only what prepare writes."""
+    if out.is_symlink() or not out.is_dir():
+        raise _not_a_directory(out)
+    manifest = out / MANIFEST
+    try:
+        is_prepared = isinstance(json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer"),
+                                 dict)
+    except (OSError, ValueError, AttributeError):
+        is_prepared = False
+    extra = sorted(set(os.listdir(out)) - OUTPUT_ENTRIES)
+    if not is_prepared or extra:
+        what = (f"entries prepare does not write ({', '.join(extra[:5])}"
+                f"{', ...' if len(extra) > 5 else ''})" if is_prepared else
+                f"no manifest written by prepare (it holds: {_describe(out)})")
+        raise DataError(f"{out}: --overwrite replaces only a previous prepare output, and this "
+                        f"directory has {what}; choose another --out or move those files away",
+                        reason="exists", field="out")
+
+
 @contextmanager
 def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``out``; on success it replaces ``out``.
+    """Yield a fresh temporary directory next to ``out``; on success it is published as ``out``.
 
-    On any exception the temporary directory is removed and ``out`` is left as it was."""
+    On any exception the temporary directory is removed and ``out`` is left as it was. Publishing
+    never replaces what it did not check: without ``overwrite`` the final rename fails if anything
+    appeared at ``out`` meanwhile (another job finishing first); with it, only the prepare output
+    found at the start (same inode) is replaced, and a second job's output is never."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out}: output directory already exists (pass --overwrite to replace "
-                        f"it)", reason="exists", field="out")
+    replaced_inode = None
+    if os.path.lexists(out):
+        if not overwrite:
+            if out.is_dir() and not out.is_symlink():
+                kind = ("a previous prepare output: pass --overwrite to replace it"
+                        if (out / MANIFEST).is_file() else
+                        f"not a prepare output; it holds: {_describe(out)}")
+                raise DataError(f"{out}: output directory already exists ({kind})",
+                                reason="exists", field="out")
+            raise _not_a_directory(out)
+        check_replaceable_output(out)
+        replaced_inode = os.stat(out).st_ino
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
         _fsync_tree(tmp)
-        if out.exists():
-            # Two renames: OUT is either the old complete output or the new one, never partial.
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        if replaced_inode is not None:
+            _move_aside(out, replaced_inode)
+        try:
+            rename_noreplace(tmp, out)
+        except FileExistsError:
+            raise DataError(f"{out}: another job published its output there while this one ran; "
+                            f"it was left in place and this run's output discarded (rerun with "
+                            f"another --out, or --overwrite to replace it)", reason="exists",
+                            field="out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_aside(out: Path, expected_inode: int) -> None:
+    """Remove the prepare output that was checked at the start, and only that one.
+
+    It is first renamed to a private name (one atomic step, so another job cannot slip a new
+    output in between the check and the removal); if what moved is not the directory checked at
+    the start, it is put back and the run fails."""
+    aside = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(out, aside)
+    except FileNotFoundError:
+        return  # another job removed it already; the no-replace rename decides who publishes
+    if os.stat(aside).st_ino != expected_inode:
+        try:
+            rename_noreplace(aside, out)
+        except FileExistsError:
+            pass  # a third job published meanwhile; the moved one stays at ``aside``
+        raise DataError(f"{out}: another job replaced the output while this one ran; it was "
+                        f"left in place and this run's output discarded", reason="exists",
+                        field="out")
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -115,7 +189,8 @@ class ShardWriter:
         np.save(d / "example_sources.npy", head.example_sources)
         np.save(d / "example_ordinals.npy", head.example_ordinals)
         self.shards.append({"name": name, "rows": head.num_rows,
-                            "examples": int(head.example_lens.shape[0])})
+                            "examples": int(head.example_lens.shape[0]),
+                            "max_token_id": int(head.input_ids_RS.max())})
 
 
 def _concat_rows(parts: list[PackedRows]) -> PackedRows:
@@ -177,3 +252,20 @@ def open_shard(data_dir: str | os.PathLike, split: str, name: str) -> dict[str, 
     for f in EXAMPLE_FILES:
         arrays[f] = np.load(d / f"{f}.npy")
     return arrays
+
+
+def max_token_id(data_dir: str | os.PathLike, manifest: dict[str, Any], split: str) -> int | None:
+    """The largest token id (padding included) in ``split``, None when the split has no rows.
+
+    Recorded by prepare in each shard's manifest entry; for outputs of earlier versions it is
+    read from the memory-mapped shards (one pass over the token ids)."""
+    shards = manifest.get("splits", {}).get(split, {}).get("shards", [])
+    ids = []
+    for shard in shards:
+        if "max_token_id" in shard:
+            ids.append(int(shard["max_token_id"]))
+        else:
+            tokens = np.load(Path(data_dir) / split / shard["name"] / "input_ids.npy", mmap_mode="r")
+            if tokens.size:
+                ids.append(int(tokens.max()))
+    return max(ids) if ids else None

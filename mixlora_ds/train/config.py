@@ -69,6 +69,10 @@ class DataSection:
     eval_split: str = "eval"
     shuffle: bool = True
     drop_last: bool = True
+    allow_tokenizer_mismatch: bool = False
+    """Train although the data was prepared with a tokenizer other than the model's (``model.tokenizer``
+    or the one saved in ``model.name_or_path``); refused by default, since the ids then mean other
+    words. Token ids past the model's vocabulary are refused either way."""
 
 
 @dataclass

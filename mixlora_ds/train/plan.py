@@ -17,6 +17,7 @@ from typing import Any
 from mixlora_ds.train.config import TrainConfig, TrainConfigError, where_of
 from mixlora_ds.train.ds_config import (engine_ds_config, resolve_ds_config, resolve_precision,
                                         shards_base_itself, zero_stage)
+from mixlora_ds.train.tokenizer_check import check_data_fits_model
 
 
 @dataclass
@@ -200,6 +201,11 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
             f"{where_of(cfg, 'eval.every_steps')}: eval.every_steps={cfg.eval.every_steps} but there is no "
             f"held-out data: set data.eval_dir or prepare an '{cfg.data.eval_split}' split"
         )
+    datasets = [("data.train_dir", cfg.data.train_dir, manifest, cfg.data.train_split)]
+    if eval_dir is not None:
+        eval_key = "data.eval_dir" if cfg.data.eval_dir else "data.train_dir"
+        datasets.append((eval_key, eval_dir, _read_manifest(cfg, eval_key, eval_dir), cfg.data.eval_split))
+    check_data_fits_model(cfg, hf_config, datasets)
     warmup = warmup_steps_for(cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio, total)
     return RunPlan(cfg, world_size, device, precision, stage, ds_config, engine_config, shards_base, hf_config,
                    adapter_config, grad_accum, n_train, seq_len, mb_per_epoch, total, warmup, eval_dir, manifest)
