@@ -45,9 +45,10 @@ fi
 
 step "2/5 sample tasks ($TASKS), tokenized with the model's tokenizer -> $OUT/data"
 "$PY" -c "import sys; from mixlora_ds.data.sample_data import write_sample_data; \
-write_sample_data(sys.argv[1], train_size=int(sys.argv[2]), eval_size=int(sys.argv[3]))" \
+write_sample_data(sys.argv[1], train_size=int(sys.argv[2]), eval_size=int(sys.argv[3]), alpaca_size=64)" \
     "$OUT/sample" "$TRAIN_SIZE" "$EVAL_SIZE"
-inputs=()
+# Alpaca-style free-form records in the mix keep the model answering in sentences, not only in labels.
+inputs=(--input "$OUT/sample/alpaca/train.json")
 for t in ${TASKS//,/ }; do
     inputs+=(--input "$OUT/sample/$t/train.jsonl:$t" --eval-input "$OUT/sample/$t/eval.jsonl:$t")
 done

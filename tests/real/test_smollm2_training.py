@@ -16,7 +16,7 @@ from tests.train.conftest import REPO, launch_env, run_training
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 TASKS = ("arc-e", "piqa")
-TRAIN_PER_TASK, EVAL_PER_TASK = 160, 32   # 320 training examples, 64 held out
+TRAIN_PER_TASK, EVAL_PER_TASK, ALPACA = 160, 32, 64   # 384 training examples, 64 held out
 
 
 def cli(script: str, *args: str, env: dict, timeout: int = 300) -> str:
@@ -35,18 +35,19 @@ def test_two_rank_zero3_training_beats_the_base_and_keeps_general_knowledge(smol
     from mixlora_ds.data.sample_data import write_sample_data
 
     env = launch_env(tmp_path)
-    paths = write_sample_data(tmp_path / "sample", train_size=TRAIN_PER_TASK, eval_size=EVAL_PER_TASK)
+    paths = write_sample_data(tmp_path / "sample", train_size=TRAIN_PER_TASK, eval_size=EVAL_PER_TASK,
+                              alpaca_size=ALPACA)
     argv = ["--tokenizer", str(smollm2_base), "--seq-len", "128", "--out", str(tmp_path / "data"), "--no-progress"]
     for t in TASKS:
         argv += ["--input", f"{paths[t]['train']}:{t}", "--eval-input", f"{paths[t]['eval']}:{t}"]
+    argv += ["--input", str(paths["alpaca"]["train"])]  # free-form answers in the mix, as multi-task tuning has
     assert prepare_main(argv) == 0
 
     cfg = yaml.safe_load((REPO / "configs" / "smollm2.yaml").read_text())
     cfg.update(output_dir=str(tmp_path / "run"), max_steps=None)
     cfg["model"]["name_or_path"] = str(smollm2_base)
     cfg["data"]["train_dir"] = str(tmp_path / "data")
-    cfg["optim"]["lr"] = 2e-3
-    cfg["schedule"]["num_epochs"] = 2
+    assert cfg["optim"]["lr"] == 2e-3 and cfg["schedule"]["num_epochs"] == 2  # the demo's settings
     cfg["logging"].update(every_steps=1, progress_bar=False)
     cfg["deepspeed"]["config"] = str(REPO / "ds_configs" / "zero3_cpu.json")
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
@@ -62,8 +63,9 @@ def test_two_rank_zero3_training_beats_the_base_and_keeps_general_knowledge(smol
         "--output", str(tmp_path / "tuned.json"), env=env)
     base, tuned = accuracy(tmp_path / "base.json"), accuracy(tmp_path / "tuned.json")
     mean = lambda acc: sum(acc.values()) / len(acc)  # noqa: E731
-    assert mean(tuned) >= mean(base) + 0.15, (base, tuned)
-    assert all(tuned[t] >= base[t] for t in TASKS), (base, tuned)
+    # Measured: base 21.9 / 50.0, adapter 43.8 / 59.4 (ARC-e / PIQA, 32 held-out examples each).
+    assert mean(tuned) >= mean(base) + 0.10, (base, tuned)
+    assert all(tuned[t] > base[t] for t in TASKS), (base, tuned)
 
     cli("generate.py", "--base-model", str(smollm2_base), "--adapter", str(adapter), "--chat", "--max-new-tokens", "16",
         "--prompt", "What is the capital of France?", "--output", str(tmp_path / "answer.jsonl"), env=env)
