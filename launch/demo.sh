@@ -11,8 +11,17 @@
 #                                      DS_ACCELERATOR / NPROC: default the GPUs torch sees, one rank
 #                                      each, else cpu with 2 ranks)
 # Afterwards: tensorboard --logdir OUT_DIR/run/tensorboard
+#
+#   MODEL=smollm2 bash launch/demo.sh [OUT_DIR]   the same pipeline on a real pretrained model
+#                                                 (SmolLM2-135M-Instruct): launch/demo_real.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${MODEL:-tiny}" = smollm2 ]; then
+    exec bash launch/demo_real.sh "$@"
+elif [ "${MODEL:-tiny}" != tiny ]; then
+    echo "error: MODEL=${MODEL}: expected tiny (default) or smollm2" >&2
+    exit 2
+fi
 # Set-up on first use: a .venv with torch and mixlora_ds (reused when already there or active).
 # shellcheck disable=SC1091
 . scripts/setup_env.sh

@@ -6,7 +6,10 @@ r"""Generate text with a base model plus a MixLoRA / LoRA / DoRA adapter (KV cac
     python launch/generate.py ... --sample --temperature 0.8 --top-p 0.95 --seed 1
 
 --prompt may be repeated; "\n" in it is a newline. --prompts-file holds one prompt per line, or JSONL
-records with a "prompt" field (a .jsonl file). Greedy decoding unless --sample.
+records with a "prompt" field (a .jsonl file). Greedy decoding unless --sample. --chat sends each
+prompt as a user turn through the tokenizer's chat template (instruction-tuned bases):
+
+    python launch/generate.py --base-model runs/real/base --chat --prompt "What is the capital of France?"
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory (default: the base model or adapter directory)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     p.add_argument("--prompts-file", help="one prompt per line, or JSONL with a 'prompt' field")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user turn in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -74,6 +79,15 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as one user turn, rendered with the assistant's turn opened (the template carries
+    its own special tokens, so no BOS is added on top)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat: the tokenizer has no chat template (chat_template.jinja or tokenizer_config.json)")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=False) for p in prompts]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -88,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             args.base_model, adapter=args.adapter, model_config=args.model_config, tokenizer=args.tokenizer,
             seed=args.model_seed, dtype=args.dtype, device=args.device, merge_lora=not args.no_merge_lora,
         )
+        inputs = chat_prompts(tokenizer, prompts) if args.chat else prompts
         completions = generate(
-            model, tokenizer, prompts,
+            model, tokenizer, inputs, add_bos=not args.chat,
             max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size,
             use_cache=not args.no_cache, cache_implementation="static" if args.static_cache else None,
