@@ -1,0 +1,228 @@
+"""Triton kernels for the per-pair part of a gated MixLoRA feed-forward block.
+
+Shapes: T tokens, K slots per token, I intermediate dim, E experts, r rank, ER = E*r.
+For slot k of token t with expert e = expert[t, k] and weight w = weight[t, k]:
+
+    g_k = G[t] + c1[t, e-block] @ B1[e-block]      (gate pre-activation with the expert's delta)
+    u_k = U[t] + c3[t, e-block] @ B3[e-block]      (up pre-activation)
+    h_k = act(g_k) * u_k
+    mixed[t]        += w * h_k                        (what the frozen W2 consumes)
+    mixed_code[t, e-block] += w * (drop_k(h_k) @ A2[e-block]^T)   (rank-r input of the down LoRA)
+
+``c1 = dropout(x) @ A1^T`` and ``c3`` are the rank-r codes of every expert ([T, ER], computed outside).
+A tile of tokens holds many experts, so each slot's delta is one tensor-core dot of depth ER over the
+code masked to the slot's expert block (the masked-dense trick of ``experts.dense_pair_math``, here
+on tiles in registers). Nothing of shape [T, K, I] is written: the backward recomputes g_k, u_k, h_k.
+
+Reductions that cross tiles (the rank-r codes over I, the weight gradients over tokens) are summed
+with fp32 atomics; so those outputs must start zeroed, and their low bits vary from run to run.
+The output-side dropout draws a Philox number per (token, slot, column) from a seed tensor, so the
+backward (and a checkpointed recompute, which redraws the seed from the restored RNG state) sees the
+forward's mask.
+
+With ``TRITON_INTERPRET=1`` set before triton is imported, the kernels run on CPU tensors through
+Triton's interpreter (slow; for tests of the maths without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+"""Activation name -> the kernels' code for it."""
+
+
+def _pair_fwd(G, U, C1, C3, B1, B3, A2, EXP, W, SEED, MIXED, MCODE,
+              T, I, ER, R, p_drop, drop_scale,
+              K: tl.constexpr, ER_P: tl.constexpr, HAS_L1: tl.constexpr, HAS_L3: tl.constexpr,
+              HAS_OUT: tl.constexpr, DROP: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    er = tl.arange(0, ER_P)
+    rmask, cmask, emask = rows < T, cols < I, er < ER
+    tile = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None].to(tl.int64) * I + cols[None, :]
+    g = tl.load(G + offs, mask=tile, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=tile, other=0.0).to(tl.float32)
+    code_offs = rows[:, None].to(tl.int64) * ER + er[None, :]
+    code_mask = rmask[:, None] & emask[None, :]
+    w_offs = er[:, None] * I + cols[None, :]
+    w_mask = emask[:, None] & cmask[None, :]
+    if HAS_L1:
+        c1 = tl.load(C1 + code_offs, mask=code_mask, other=0.0)
+        b1 = tl.load(B1 + w_offs, mask=w_mask, other=0.0)
+    if HAS_L3:
+        c3 = tl.load(C3 + code_offs, mask=code_mask, other=0.0)
+        b3 = tl.load(B3 + w_offs, mask=w_mask, other=0.0)
+    if HAS_OUT:
+        a2t = tl.load(A2 + er[None, :] * I + cols[:, None], mask=emask[None, :] & cmask[:, None], other=0.0)
+        mcode = tl.zeros([BLOCK_T, ER_P], dtype=tl.float32)
+    if DROP:
+        seed = tl.load(SEED)
+    mixed = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+    for k in tl.static_range(K):
+        e = tl.load(EXP + rows * K + k, mask=rmask, other=0)
+        w = tl.load(W + rows * K + k, mask=rmask, other=0.0)
+        sel = (er[None, :] // R) == e[:, None]
+        gk = g
+        uk = u
+        if HAS_L1:
+            gk = gk + tl.dot(tl.where(sel, c1, 0.0), b1, input_precision=DOT_PREC)
+        if HAS_L3:
+            uk = uk + tl.dot(tl.where(sel, c3, 0.0), b3, input_precision=DOT_PREC)
+        if ACT == 0:
+            a = gk * tl.sigmoid(gk)
+        else:
+            z = 0.7978845608028654 * (gk + 0.044715 * gk * gk * gk)
+            a = gk * tl.sigmoid(2.0 * z)  # 0.5 g (1 + tanh z) = g sigmoid(2z)
+        h = a * uk
+        mixed += w[:, None] * h
+        if HAS_OUT:
+            hd = h
+            if DROP:
+                rnd = tl.rand(seed, (rows[:, None] * K + k) * I + cols[None, :])
+                hd = tl.where(rnd >= p_drop, h * drop_scale, 0.0)
+            code = tl.dot(hd.to(a2t.dtype), a2t, input_precision=DOT_PREC)
+            mcode += tl.where(sel, code * w[:, None], 0.0)
+    tl.store(MIXED + offs, mixed.to(MIXED.dtype.element_ty), mask=tile)
+    if HAS_OUT:
+        tl.atomic_add(MCODE + code_offs, mcode, mask=code_mask)
+
+
+def _pair_bwd(G, U, C1, C3, B1, B3, A2, EXP, W, SEED, DM, DMC,
+              DG, DU, DC1, DC3, DB1, DB3, DA2, DW,
+              T, I, ER, R, p_drop, drop_scale,
+              K: tl.constexpr, ER_P: tl.constexpr, HAS_L1: tl.constexpr, HAS_L3: tl.constexpr,
+              HAS_OUT: tl.constexpr, DROP: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, TILES_T: tl.constexpr):
+    """One program: one column tile of I, TILES_T token tiles; the [ER, BLOCK_I] weight gradients
+    stay in registers over those tiles and are added once."""
+    cols = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    er = tl.arange(0, ER_P)
+    cmask, emask = cols < I, er < ER
+    w_offs = er[:, None] * I + cols[None, :]
+    w_mask = emask[:, None] & cmask[None, :]
+    if HAS_L1:
+        b1 = tl.load(B1 + w_offs, mask=w_mask, other=0.0)
+        db1 = tl.zeros([ER_P, BLOCK_I], dtype=tl.float32)
+    if HAS_L3:
+        b3 = tl.load(B3 + w_offs, mask=w_mask, other=0.0)
+        db3 = tl.zeros([ER_P, BLOCK_I], dtype=tl.float32)
+    if HAS_OUT:
+        a2 = tl.load(A2 + w_offs, mask=w_mask, other=0.0)
+        da2 = tl.zeros([ER_P, BLOCK_I], dtype=tl.float32)
+    if DROP:
+        seed = tl.load(SEED)
+    for tt in range(TILES_T):
+        rows = (tl.program_id(1) * TILES_T + tt) * BLOCK_T + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        tile = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * I + cols[None, :]
+        g = tl.load(G + offs, mask=tile, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=tile, other=0.0).to(tl.float32)
+        dm = tl.load(DM + offs, mask=tile, other=0.0).to(tl.float32)
+        code_offs = rows[:, None].to(tl.int64) * ER + er[None, :]
+        code_mask = rmask[:, None] & emask[None, :]
+        if HAS_L1:
+            c1 = tl.load(C1 + code_offs, mask=code_mask, other=0.0)
+            dc1 = tl.zeros([BLOCK_T, ER_P], dtype=tl.float32)
+        if HAS_L3:
+            c3 = tl.load(C3 + code_offs, mask=code_mask, other=0.0)
+            dc3 = tl.zeros([BLOCK_T, ER_P], dtype=tl.float32)
+        if HAS_OUT:
+            dmc = tl.load(DMC + code_offs, mask=code_mask, other=0.0)
+        dg = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+        du = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+        for k in tl.static_range(K):
+            e = tl.load(EXP + rows * K + k, mask=rmask, other=0)
+            w = tl.load(W + rows * K + k, mask=rmask, other=0.0)
+            sel = (er[None, :] // R) == e[:, None]
+            gk = g
+            uk = u
+            if HAS_L1:
+                c1m = tl.where(sel, c1, 0.0)
+                gk = gk + tl.dot(c1m, b1, input_precision=DOT_PREC)
+            if HAS_L3:
+                c3m = tl.where(sel, c3, 0.0)
+                uk = uk + tl.dot(c3m, b3, input_precision=DOT_PREC)
+            sig = tl.sigmoid(gk)
+            if ACT == 0:
+                a = gk * sig
+                da = sig * (1.0 + gk * (1.0 - sig))
+            else:
+                z = 0.7978845608028654 * (gk + 0.044715 * gk * gk * gk)
+                s2 = tl.sigmoid(2.0 * z)  # (1 + tanh z) / 2
+                a = gk * s2
+                dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * gk * gk)
+                da = s2 + gk * 2.0 * s2 * (1.0 - s2) * dz  # d/dg of g (1 + tanh z) / 2
+            h = a * uk
+            dh = w[:, None] * dm
+            dw = tl.sum(dm * h, axis=1)
+            if HAS_OUT:
+                dmcm = tl.where(sel, dmc, 0.0)
+                q = tl.dot(dmcm.to(a2.dtype), a2, input_precision=DOT_PREC)
+                if DROP:
+                    rnd = tl.rand(seed, (rows[:, None] * K + k) * I + cols[None, :])
+                    keep = rnd >= p_drop
+                    hd = tl.where(keep, h * drop_scale, 0.0)
+                    dh += w[:, None] * tl.where(keep, q * drop_scale, 0.0)
+                else:
+                    hd = h
+                    dh += w[:, None] * q
+                dw += tl.sum(hd * q, axis=1)
+                wdmc = (dmcm * w[:, None]).to(a2.dtype)
+                da2 += tl.dot(tl.trans(wdmc), hd.to(a2.dtype), input_precision=DOT_PREC)
+            tl.atomic_add(DW + rows * K + k, dw, mask=rmask)
+            dgk = dh * uk * da
+            duk = dh * a
+            dg += dgk
+            du += duk
+            if HAS_L1:
+                dgk_c = dgk.to(b1.dtype)
+                dc1 += tl.where(sel, tl.dot(dgk_c, tl.trans(b1), input_precision=DOT_PREC), 0.0)
+                db1 += tl.dot(tl.trans(c1m), dgk_c, input_precision=DOT_PREC)
+            if HAS_L3:
+                duk_c = duk.to(b3.dtype)
+                dc3 += tl.where(sel, tl.dot(duk_c, tl.trans(b3), input_precision=DOT_PREC), 0.0)
+                db3 += tl.dot(tl.trans(c3m), duk_c, input_precision=DOT_PREC)
+        tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=tile)
+        tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=tile)
+        if HAS_L1:
+            tl.atomic_add(DC1 + code_offs, dc1, mask=code_mask)
+        if HAS_L3:
+            tl.atomic_add(DC3 + code_offs, dc3, mask=code_mask)
+    if HAS_L1:
+        tl.atomic_add(DB1 + w_offs, db1, mask=w_mask)
+    if HAS_L3:
+        tl.atomic_add(DB3 + w_offs, db3, mask=w_mask)
+    if HAS_OUT:
+        tl.atomic_add(DA2 + w_offs, da2, mask=w_mask)
+
+
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_I": bi}, num_warps=nw, num_stages=1)
+    for bt, bi, nw in [(64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8), (32, 128, 4)]
+]
+_BWD_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_I": bi, "TILES_T": tt}, num_warps=nw, num_stages=1)
+    for bt, bi, tt, nw in [(64, 64, 4, 8), (64, 32, 4, 4), (32, 64, 8, 4), (64, 64, 8, 8), (64, 32, 8, 4)]
+]
+_KEY = ["I", "ER", "R"]
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Triton's interpreter (set before triton is imported) runs the kernels on CPU tensors, for tests."""
+
+if INTERPRETED:  # fixed small tiles: autotuning would time the interpreter
+    pair_fwd = triton.jit(_pair_fwd)
+    pair_bwd = triton.jit(_pair_bwd)
+else:
+    pair_fwd = triton.autotune(_FWD_CONFIGS, key=_KEY, reset_to_zero=["MCODE"])(triton.jit(_pair_fwd))
+    pair_bwd = triton.autotune(
+        _BWD_CONFIGS, key=_KEY, reset_to_zero=["DC1", "DC3", "DB1", "DB3", "DA2", "DW"]
+    )(triton.jit(_pair_bwd))
+INTERPRETER_FWD_META = {"BLOCK_T": 16, "BLOCK_I": 16}
+INTERPRETER_BWD_META = {"BLOCK_T": 16, "BLOCK_I": 16, "TILES_T": 2}
