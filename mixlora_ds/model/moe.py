@@ -13,11 +13,12 @@ from transformers.activations import ACT2FN
 from mixlora_ds.config import MixLoraConfig
 from mixlora_ds.model.dispatch import LocalDispatcher
 from mixlora_ds.model.experts import ExpertLoraStack, FFNShape, ffn_dense, ffn_grouped, ffn_loop
+from mixlora_ds.model.experts_fused import ffn_fused, fused_unsupported_reason
 from mixlora_ds.model.families import FamilySpec
 from mixlora_ds.model.fused_ffn import FusedExpertFFN, fuse_block_weights, unshare_base_weights
 from mixlora_ds.model.router import MixLoraRouter, Routing
 
-COMPUTE_PATHS = ("dense", "grouped", "loop")
+COMPUTE_PATHS = ("auto", "fused", "dense", "grouped", "loop")
 
 
 class MixLoraMoeBlock(nn.Module):
@@ -47,8 +48,11 @@ class MixLoraMoeBlock(nn.Module):
         self.ffn = FFNShape(base_mlp, family.ffn_input_projections, family.ffn_output_projection, family.gated,
                             ACT2FN[act_fn])
         self.dispatcher = LocalDispatcher()
-        self.compute_path = "loop" if settings.use_dora else "dense"
-        """"dense" (default: masked GEMMs over all experts, fastest measured on GPU and CPU),
+        self.act_fn = act_fn
+        self.compute_path = "loop" if settings.use_dora else "auto"
+        """"auto" (default): "fused" where it can run (CUDA, Triton installed, a gated FFN with a
+        SiLU or tanh-GELU activation), else "dense". "fused": Triton kernels for the per-pair work
+        (``experts_fused.py``). "dense": masked GEMMs over all experts, the fastest without the kernels;
         "grouped" (pairs sorted by expert, one grouped matmul per projection) or "loop" (the
         reference). DoRA experts need "loop": their per-expert output rescaling does not commute
         with the shared down projection."""
@@ -89,7 +93,9 @@ class MixLoraMoeBlock(nn.Module):
             y_TD = self.fused_ffn(x_TD, routing, compiled=x_TD.is_cuda if self.compiled is None else self.compiled)
         elif self.compute_path == "loop":
             y_TD = ffn_loop(self.ffn, self.experts, x_TD, routing)
-        elif self.compute_path == "dense":
+        elif self.compute_path in ("auto", "fused") and self._fused_ok(x_TD):
+            y_TD = ffn_fused(self.ffn, self.experts, x_TD, routing, self.act_fn)
+        elif self.compute_path in ("auto", "dense"):
             y_TD = ffn_dense(self.ffn, self.experts, x_TD, routing, recompute=self.recompute, compiled=self.compiled)
         else:
             y_TD = ffn_grouped(self.ffn, self.experts, x_TD, routing, self.dispatcher, recompute=self.recompute)
@@ -98,6 +104,12 @@ class MixLoraMoeBlock(nn.Module):
             y_TD = torch.where(routing.passthrough_T.unsqueeze(-1), x_TD.to(y_TD.dtype), y_TD)
         return y_TD.view(*batch_shape, -1)
 
+    def _fused_ok(self, x_TD: torch.Tensor) -> bool:
+        reason = fused_unsupported_reason(self.ffn, self.experts, self.act_fn, x_TD)
+        if reason is not None and self.compute_path == "fused":
+            raise ValueError(f"compute path 'fused' cannot run here: {reason}")
+        return reason is None
+
 
 def moe_blocks(model: nn.Module) -> list[MixLoraMoeBlock]:
     """The MixLoRA blocks of a model, in layer order."""
@@ -105,15 +117,16 @@ def moe_blocks(model: nn.Module) -> list[MixLoraMoeBlock]:
 
 
 def set_compute_path(model: nn.Module, path: str, compiled: bool | None = None) -> None:
-    """Choose how every MixLoRA block computes its experts; ``compiled`` (dense path only) fuses the
+    """Choose how every MixLoRA block computes its experts (see ``MixLoraMoeBlock.compute_path``;
+    "auto" is the default); ``compiled`` (dense path only) fuses the
     per-pair element-wise work with torch.compile, worth ~5% of a 7B training step on an H100
     (None: on CUDA devices only, the default). Compiled, a second backward through a retained graph
     (``backward(retain_graph=True)`` twice) needs ``torch._functorch.config.donated_buffer = False``
     (PyTorch's donated buffers; seen on H200s), or ``compiled=False``."""
     if path not in COMPUTE_PATHS:
         raise ValueError(f"compute path must be one of {COMPUTE_PATHS}, got {path!r}")
-    if compiled and path != "dense":  # None and False are fine for any path
-        raise ValueError("compiled=True applies to the 'dense' compute path only")
+    if compiled and path not in ("dense", "auto"):  # None and False are fine for any path
+        raise ValueError("compiled=True applies to the 'dense' compute path (and 'auto' when it falls back to it)")
     for block in moe_blocks(model):
         if path != "loop" and block.config.expert_settings().use_dora:
             raise ValueError("DoRA experts support only the 'loop' compute path")

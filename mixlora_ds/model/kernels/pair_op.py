@@ -93,13 +93,13 @@ def pair_ffn_backward(grad_mixed: torch.Tensor, grad_code: torch.Tensor, gate: t
     T, I, ER, ER_P = _launch_args(gate, B1, B3, A2)
     K = expert_TK.shape[1]
     f32 = dict(device=gate.device, dtype=torch.float32)
-    empty = gate.new_empty(0)
+    empty = lambda: gate.new_empty(0)  # noqa: E731  (a fresh one each: outputs may not alias)
     dgate, dup = torch.empty_like(gate), torch.empty_like(gate)
-    dcode1 = torch.zeros(T, ER, **f32) if code1 is not None else empty
-    dcode3 = torch.zeros(T, ER, **f32) if code3 is not None else empty
-    dB1 = torch.zeros(ER, I, **f32) if B1 is not None else empty
-    dB3 = torch.zeros(ER, I, **f32) if B3 is not None else empty
-    dA2 = torch.zeros(ER, I, **f32) if A2 is not None else empty
+    dcode1 = torch.zeros(T, ER, **f32) if code1 is not None else empty()
+    dcode3 = torch.zeros(T, ER, **f32) if code3 is not None else empty()
+    dB1 = torch.zeros(ER, I, **f32) if B1 is not None else empty()
+    dB3 = torch.zeros(ER, I, **f32) if B3 is not None else empty()
+    dA2 = torch.zeros(ER, I, **f32) if A2 is not None else empty()
     dweight = torch.zeros(T, K, **f32)
     if T == 0:
         dgate.zero_(), dup.zero_()
@@ -123,13 +123,13 @@ def _pair_ffn_backward_fake(grad_mixed, grad_code, gate, up, code1, code3, B1, B
     T, I = gate.shape
     ER = next(t for t in (B1, B3, A2) if t is not None).shape[0]
     f32 = dict(dtype=torch.float32)
-    empty = gate.new_empty(0)
+    empty = lambda: gate.new_empty(0)  # noqa: E731
     return [torch.empty_like(gate), torch.empty_like(gate),
-            gate.new_empty(T, ER, **f32) if code1 is not None else empty,
-            gate.new_empty(T, ER, **f32) if code3 is not None else empty,
-            gate.new_empty(ER, I, **f32) if B1 is not None else empty,
-            gate.new_empty(ER, I, **f32) if B3 is not None else empty,
-            gate.new_empty(ER, I, **f32) if A2 is not None else empty,
+            gate.new_empty(T, ER, **f32) if code1 is not None else empty(),
+            gate.new_empty(T, ER, **f32) if code3 is not None else empty(),
+            gate.new_empty(ER, I, **f32) if B1 is not None else empty(),
+            gate.new_empty(ER, I, **f32) if B3 is not None else empty(),
+            gate.new_empty(ER, I, **f32) if A2 is not None else empty(),
             gate.new_empty(T, expert_TK.shape[1], **f32)]
 
 

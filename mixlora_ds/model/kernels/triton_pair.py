@@ -216,6 +216,12 @@ _KEY = ["I", "ER", "R"]
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Triton's interpreter (set before triton is imported) runs the kernels on CPU tensors, for tests."""
 
+AUTOTUNE = os.environ.get("MIXLORA_FUSED_AUTOTUNE", "1") != "0"
+"""Time the tile configs once per shape (the default); with MIXLORA_FUSED_AUTOTUNE=0 take the first
+config (tests: many shapes, each tuned once, would spend minutes compiling)."""
+if not AUTOTUNE:
+    _FWD_CONFIGS, _BWD_CONFIGS = _FWD_CONFIGS[:1], _BWD_CONFIGS[:1]
+
 if INTERPRETED:  # fixed small tiles: autotuning would time the interpreter
     pair_fwd = triton.jit(_pair_fwd)
     pair_bwd = triton.jit(_pair_bwd)
