@@ -10,6 +10,8 @@ activation checkpoint around it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -29,20 +31,45 @@ def _launch_args(gate, B1, B3, A2):
 def _flags(code1, code3, A2, p: float, dtype: torch.dtype, act: str) -> dict:
     return {"HAS_L1": code1 is not None, "HAS_L3": code3 is not None, "HAS_OUT": A2 is not None,
             "DROP": A2 is not None and p > 0, "ACT": kern.ACTIVATIONS[act],
-            "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32"}
+            # fp32: three TF32 products per dot (about fp32 accuracy on tensor cores; plain IEEE fp32
+            # dots are FMA loops that take ptxas minutes to compile at these tile sizes)
+            "DOT_PREC": "tf32x3" if dtype == torch.float32 else "tf32"}
 
 
-def _meta(gate: torch.Tensor, interpreter_meta: dict) -> dict:
+def _meta(gate: torch.Tensor) -> dict:
     """Tile sizes: autotuned on GPU; fixed under the interpreter, the only way to run on CPU."""
     if kern.INTERPRETED:
-        return interpreter_meta
+        return dict(kern.INTERPRETER_META)
     if not gate.is_cuda:
         raise RuntimeError("the fused MixLoRA kernels need CUDA tensors (or TRITON_INTERPRET=1 for tests)")
     return {}
 
 
+def _programs(device: torch.device) -> int:
+    """How many programs fill the GPU about twice (the chunked grids aim at this)."""
+    if kern.INTERPRETED:
+        return 2 * kern.INTERPRETER_SMS
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _chunks(n_other: int, n_tiles: int, programs: int) -> int:
+    """Chunks to split n_tiles into so that n_other x chunks programs fill the GPU."""
+    return max(1, min(n_tiles, triton.cdiv(programs, max(n_other, 1))))
+
+
 def _contig(t):
     return None if t is None else t.contiguous()
+
+
+def _or_dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The tensor, or a one-element stand-in for an absent one (never read, and its own storage, so
+    autotuning's zeroing of outputs cannot touch a real input)."""
+    return t if t is not None else like.new_zeros(1)
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::pair_ffn", mutates_args=())
@@ -60,15 +87,17 @@ def pair_ffn(gate: torch.Tensor, up: torch.Tensor, code1: torch.Tensor | None, c
     mcode = torch.zeros(T, ER if A2 is not None else 0, device=gate.device, dtype=torch.float32)
     if T == 0:
         return mixed, mcode
-    dummy = gate
-    args = (gate, up, code1 if code1 is not None else dummy, code3 if code3 is not None else dummy,
-            B1 if B1 is not None else dummy, B3 if B3 is not None else dummy, A2 if A2 is not None else dummy,
-            expert_TK, weight_TK, seed, mixed, mcode if A2 is not None else dummy,
+    args = (gate, up, _or_dummy(code1, gate), _or_dummy(code3, gate), _or_dummy(B1, gate), _or_dummy(B3, gate),
+            _or_dummy(A2, gate), expert_TK, weight_TK, seed, mixed, mcode if A2 is not None else gate.new_zeros(1),
             T, I, ER, rank, p, 1.0 / (1.0 - p) if p < 1 else 0.0)
     flags = dict(K=K, ER_P=ER_P, **_flags(code1, code3, A2, p, gate.dtype, act))
-    meta = _meta(gate, kern.INTERPRETER_FWD_META)
-    grid = lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(I, m["BLOCK_I"]))  # noqa: E731
-    kern.pair_fwd[grid](*args, **flags, **meta)
+    programs = _programs(gate.device)
+
+    def grid(m):
+        n_t = triton.cdiv(T, m["BLOCK_T"])
+        return n_t, _chunks(n_t, triton.cdiv(I, m["BLOCK_I"]), programs)
+
+    kern.pair_fwd[grid](*args, **flags, **_meta(gate))
     return mixed, mcode
 
 
@@ -86,7 +115,11 @@ def pair_ffn_backward(grad_mixed: torch.Tensor, grad_code: torch.Tensor, gate: t
                       weight_TK: torch.Tensor, seed: torch.Tensor, rank: int, p: float,
                       act: str) -> list[torch.Tensor]:
     """Gradients of ``pair_ffn``: [d gate, d up, d code1, d code3, d B1, d B3, d A2, d weight]; the
-    reduced ones (codes, weights, routing weights) in fp32, absent inputs as empty tensors."""
+    reduced ones (codes, weights, routing weights) in fp32, absent inputs as empty tensors.
+
+    Two kernels, each recomputing the per-pair intermediates: one over token tiles (gate, up, code and
+    routing-weight gradients), one over column tiles (B1, B3, A2 gradients), so that each sums its
+    reductions in registers instead of in contended atomics."""
     gate, up, code1, code3, B1, B3, A2 = map(_contig, (gate, up, code1, code3, B1, B3, A2))
     grad_mixed = grad_mixed.to(gate.dtype).contiguous()
     expert_TK, weight_TK = expert_TK.contiguous(), weight_TK.float().contiguous()
@@ -104,16 +137,30 @@ def pair_ffn_backward(grad_mixed: torch.Tensor, grad_code: torch.Tensor, gate: t
     if T == 0:
         dgate.zero_(), dup.zero_()
         return [dgate, dup, dcode1, dcode3, dB1, dB3, dA2, dweight]
-    dummy = gate
-    grad_code = grad_code.float().contiguous() if A2 is not None else dummy
-    pick = lambda t: t if t is not None and t.numel() else dummy  # noqa: E731
-    args = (gate, up, pick(code1), pick(code3), pick(B1), pick(B3), pick(A2), expert_TK, weight_TK, seed,
-            grad_mixed, grad_code, dgate, dup, pick(dcode1), pick(dcode3), pick(dB1), pick(dB3), pick(dA2),
-            dweight, T, I, ER, rank, p, 1.0 / (1.0 - p) if p < 1 else 0.0)
+    grad_code = grad_code.to(gate.dtype).contiguous() if A2 is not None else None
+    real = lambda t: t if t is not None and t.numel() else None  # noqa: E731
+    inputs = (gate, up, _or_dummy(code1, gate), _or_dummy(code3, gate), _or_dummy(B1, gate), _or_dummy(B3, gate),
+              _or_dummy(A2, gate), expert_TK, weight_TK, seed, grad_mixed, _or_dummy(grad_code, gate))
+    sizes = (T, I, ER, rank, p, 1.0 / (1.0 - p) if p < 1 else 0.0)
     flags = dict(K=K, ER_P=ER_P, **_flags(code1, code3, A2, p, gate.dtype, act))
-    meta = _meta(gate, kern.INTERPRETER_BWD_META)
-    grid = lambda m: (triton.cdiv(I, m["BLOCK_I"]), triton.cdiv(triton.cdiv(T, m["BLOCK_T"]), m["TILES_T"]))  # noqa: E731
-    kern.pair_bwd[grid](*args, **flags, **meta)
+    meta = _meta(gate)
+    programs = _programs(gate.device)
+
+    def token_grid(m):
+        n_t = triton.cdiv(T, m["BLOCK_T"])
+        return n_t, _chunks(n_t, triton.cdiv(I, m["BLOCK_I"]), programs)
+
+    kern.pair_bwd_tokens[token_grid](
+        *inputs, dgate, dup, _or_dummy(real(dcode1), gate), _or_dummy(real(dcode3), gate), dweight, *sizes,
+        K_P=triton.next_power_of_2(K), **flags, **meta)
+
+    def weight_grid(m):
+        n_i = triton.cdiv(I, m["BLOCK_I"])
+        return n_i, _chunks(n_i, triton.cdiv(T, m["BLOCK_T"]), programs)
+
+    kern.pair_bwd_weights[weight_grid](
+        *inputs, _or_dummy(real(dB1), gate), _or_dummy(real(dB3), gate), _or_dummy(real(dA2), gate), *sizes,
+        **flags, **meta)
     return [dgate, dup, dcode1, dcode3, dB1, dB3, dA2, dweight]
 
 

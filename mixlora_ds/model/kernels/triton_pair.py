@@ -35,77 +35,227 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 """Activation name -> the kernels' code for it."""
 
 
+@triton.jit
+def _act_fwd(gk, ACT: tl.constexpr):
+    if ACT == 0:
+        return gk * tl.sigmoid(gk)
+    z = 0.7978845608028654 * (gk + 0.044715 * gk * gk * gk)
+    return gk * tl.sigmoid(2.0 * z)  # 0.5 g (1 + tanh z) = g sigmoid(2z)
+
+
+@triton.jit
+def _act_bwd(gk, ACT: tl.constexpr):
+    """(act(g), act'(g))"""
+    if ACT == 0:
+        sig = tl.sigmoid(gk)
+        return gk * sig, sig * (1.0 + gk * (1.0 - sig))
+    z = 0.7978845608028654 * (gk + 0.044715 * gk * gk * gk)
+    s2 = tl.sigmoid(2.0 * z)  # (1 + tanh z) / 2
+    dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * gk * gk)
+    return gk * s2, s2 + gk * 2.0 * s2 * (1.0 - s2) * dz
+
+
+@triton.jit
+def _pair_pre(g, u, c1, c3, b1, b3, sel, HAS_L1: tl.constexpr, HAS_L3: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One slot's gate and up pre-activations on a tile: the frozen part plus the slot's expert delta."""
+    gk = g
+    uk = u
+    if HAS_L1:
+        gk = gk + tl.dot(tl.where(sel, c1, 0.0), b1, input_precision=DOT_PREC)
+    if HAS_L3:
+        uk = uk + tl.dot(tl.where(sel, c3, 0.0), b3, input_precision=DOT_PREC)
+    return gk, uk
+
+
+@triton.jit
+def _chunk(pid, n_programs, n_tiles):
+    """Tiles [start, stop) of the pid-th of n_programs contiguous chunks of n_tiles tiles."""
+    per = tl.cdiv(n_tiles, n_programs)
+    start = pid * per
+    return start, tl.minimum(start + per, n_tiles)
+
+
+@triton.jit
 def _pair_fwd(G, U, C1, C3, B1, B3, A2, EXP, W, SEED, MIXED, MCODE,
               T, I, ER, R, p_drop, drop_scale,
               K: tl.constexpr, ER_P: tl.constexpr, HAS_L1: tl.constexpr, HAS_L3: tl.constexpr,
               HAS_OUT: tl.constexpr, DROP: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr,
               BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+    """One program: one token tile, a chunk of I tiles (the down LoRA's codes are summed over the
+    chunk in registers and added once)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     er = tl.arange(0, ER_P)
-    rmask, cmask, emask = rows < T, cols < I, er < ER
-    tile = rmask[:, None] & cmask[None, :]
-    offs = rows[:, None].to(tl.int64) * I + cols[None, :]
-    g = tl.load(G + offs, mask=tile, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=tile, other=0.0).to(tl.float32)
+    rmask, emask = rows < T, er < ER
     code_offs = rows[:, None].to(tl.int64) * ER + er[None, :]
     code_mask = rmask[:, None] & emask[None, :]
-    w_offs = er[:, None] * I + cols[None, :]
-    w_mask = emask[:, None] & cmask[None, :]
+    c1 = tl.zeros([BLOCK_T, ER_P], dtype=tl.float32)  # placeholders when a LoRA is absent (unused)
+    c3 = c1
     if HAS_L1:
         c1 = tl.load(C1 + code_offs, mask=code_mask, other=0.0)
-        b1 = tl.load(B1 + w_offs, mask=w_mask, other=0.0)
     if HAS_L3:
         c3 = tl.load(C3 + code_offs, mask=code_mask, other=0.0)
-        b3 = tl.load(B3 + w_offs, mask=w_mask, other=0.0)
     if HAS_OUT:
-        a2t = tl.load(A2 + er[None, :] * I + cols[:, None], mask=emask[None, :] & cmask[:, None], other=0.0)
         mcode = tl.zeros([BLOCK_T, ER_P], dtype=tl.float32)
+    seed = 0
     if DROP:
         seed = tl.load(SEED)
-    mixed = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
-    for k in tl.static_range(K):
-        e = tl.load(EXP + rows * K + k, mask=rmask, other=0)
-        w = tl.load(W + rows * K + k, mask=rmask, other=0.0)
-        sel = (er[None, :] // R) == e[:, None]
-        gk = g
-        uk = u
+    start, stop = _chunk(tl.program_id(1), tl.num_programs(1), tl.cdiv(I, BLOCK_I))
+    for it in range(start, stop):
+        cols = it * BLOCK_I + tl.arange(0, BLOCK_I)
+        cmask = cols < I
+        tile = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * I + cols[None, :]
+        g = tl.load(G + offs, mask=tile, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=tile, other=0.0).to(tl.float32)
+        w_offs = er[:, None] * I + cols[None, :]
+        w_mask = emask[:, None] & cmask[None, :]
+        b1 = tl.zeros([ER_P, BLOCK_I], dtype=tl.float32)
+        b3 = b1
         if HAS_L1:
-            gk = gk + tl.dot(tl.where(sel, c1, 0.0), b1, input_precision=DOT_PREC)
+            b1 = tl.load(B1 + w_offs, mask=w_mask, other=0.0)
         if HAS_L3:
-            uk = uk + tl.dot(tl.where(sel, c3, 0.0), b3, input_precision=DOT_PREC)
-        if ACT == 0:
-            a = gk * tl.sigmoid(gk)
-        else:
-            z = 0.7978845608028654 * (gk + 0.044715 * gk * gk * gk)
-            a = gk * tl.sigmoid(2.0 * z)  # 0.5 g (1 + tanh z) = g sigmoid(2z)
-        h = a * uk
-        mixed += w[:, None] * h
+            b3 = tl.load(B3 + w_offs, mask=w_mask, other=0.0)
         if HAS_OUT:
-            hd = h
-            if DROP:
-                rnd = tl.rand(seed, (rows[:, None] * K + k) * I + cols[None, :])
-                hd = tl.where(rnd >= p_drop, h * drop_scale, 0.0)
-            code = tl.dot(hd.to(a2t.dtype), a2t, input_precision=DOT_PREC)
-            mcode += tl.where(sel, code * w[:, None], 0.0)
-    tl.store(MIXED + offs, mixed.to(MIXED.dtype.element_ty), mask=tile)
+            a2t = tl.load(A2 + er[None, :] * I + cols[:, None], mask=emask[None, :] & cmask[:, None], other=0.0)
+        mixed = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+        for k in tl.static_range(K):
+            e = tl.load(EXP + rows * K + k, mask=rmask, other=0)
+            w = tl.load(W + rows * K + k, mask=rmask, other=0.0)
+            sel = (er[None, :] // R) == e[:, None]
+            gk, uk = _pair_pre(g, u, c1, c3, b1, b3, sel, HAS_L1, HAS_L3, DOT_PREC)
+            h = _act_fwd(gk, ACT) * uk
+            mixed += w[:, None] * h
+            if HAS_OUT:
+                hd = h
+                if DROP:
+                    rnd = tl.rand(seed, (rows[:, None] * K + k) * I + cols[None, :])
+                    hd = tl.where(rnd >= p_drop, h * drop_scale, 0.0)
+                code = tl.dot(hd.to(a2t.dtype), a2t, input_precision=DOT_PREC)
+                mcode += tl.where(sel, code * w[:, None], 0.0)
+        tl.store(MIXED + offs, mixed.to(MIXED.dtype.element_ty), mask=tile)
     if HAS_OUT:
         tl.atomic_add(MCODE + code_offs, mcode, mask=code_mask)
 
 
-def _pair_bwd(G, U, C1, C3, B1, B3, A2, EXP, W, SEED, DM, DMC,
-              DG, DU, DC1, DC3, DB1, DB3, DA2, DW,
-              T, I, ER, R, p_drop, drop_scale,
-              K: tl.constexpr, ER_P: tl.constexpr, HAS_L1: tl.constexpr, HAS_L3: tl.constexpr,
-              HAS_OUT: tl.constexpr, DROP: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr,
-              BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, TILES_T: tl.constexpr):
-    """One program: one column tile of I, TILES_T token tiles; the [ER, BLOCK_I] weight gradients
-    stay in registers over those tiles and are added once."""
+@triton.jit
+def _pair_grad_h(g, u, dm, c1, c3, dmc, b1, b3, a2, e, w, sel, rows, cols, k, seed, I, p_drop, drop_scale,
+                 K: tl.constexpr, HAS_L1: tl.constexpr, HAS_L3: tl.constexpr, HAS_OUT: tl.constexpr,
+                 DROP: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Recompute one slot on a tile and return (d gate-pre, d up-pre, dropped h, d w partial sum over
+    the tile's columns, the slot's masked code gradient)."""
+    gk, uk = _pair_pre(g, u, c1, c3, b1, b3, sel, HAS_L1, HAS_L3, DOT_PREC)
+    a, da = _act_bwd(gk, ACT)
+    h = a * uk
+    dh = w[:, None] * dm
+    dw = tl.sum(dm * h, axis=1)
+    hd = h
+    dmcm = dmc
+    if HAS_OUT:
+        dmcm = tl.where(sel, dmc, 0.0)
+        q = tl.dot(dmcm.to(a2.dtype), a2, input_precision=DOT_PREC)
+        if DROP:
+            rnd = tl.rand(seed, (rows[:, None] * K + k) * I + cols[None, :])
+            keep = rnd >= p_drop
+            hd = tl.where(keep, h * drop_scale, 0.0)
+            dh += w[:, None] * tl.where(keep, q * drop_scale, 0.0)
+        else:
+            dh += w[:, None] * q
+        dw += tl.sum(hd * q, axis=1)
+    return dh * uk * da, dh * a, hd, dw, dmcm
+
+
+@triton.jit
+def _pair_bwd_tokens(G, U, C1, C3, B1, B3, A2, EXP, W, SEED, DM, DMC,
+                     DG, DU, DC1, DC3, DW,
+                     T, I, ER, R, p_drop, drop_scale,
+                     K: tl.constexpr, K_P: tl.constexpr, ER_P: tl.constexpr, HAS_L1: tl.constexpr,
+                     HAS_L3: tl.constexpr, HAS_OUT: tl.constexpr, DROP: tl.constexpr, ACT: tl.constexpr,
+                     DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Token-side gradients. One program: one token tile, a chunk of I tiles; writes d gate and d up,
+    sums the codes' and routing weights' gradients over the chunk in registers, adds them once."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    er = tl.arange(0, ER_P)
+    ks = tl.arange(0, K_P)
+    rmask, emask = rows < T, er < ER
+    code_offs = rows[:, None].to(tl.int64) * ER + er[None, :]
+    code_mask = rmask[:, None] & emask[None, :]
+    c1 = tl.zeros([BLOCK_T, ER_P], dtype=tl.float32)
+    c3 = c1
+    dmc = c1
+    if HAS_L1:
+        c1 = tl.load(C1 + code_offs, mask=code_mask, other=0.0)
+        dc1 = tl.zeros([BLOCK_T, ER_P], dtype=tl.float32)
+    if HAS_L3:
+        c3 = tl.load(C3 + code_offs, mask=code_mask, other=0.0)
+        dc3 = tl.zeros([BLOCK_T, ER_P], dtype=tl.float32)
+    if HAS_OUT:
+        dmc = tl.load(DMC + code_offs, mask=code_mask, other=0.0)
+    dw_acc = tl.zeros([BLOCK_T, K_P], dtype=tl.float32)
+    seed = 0
+    if DROP:
+        seed = tl.load(SEED)
+    start, stop = _chunk(tl.program_id(1), tl.num_programs(1), tl.cdiv(I, BLOCK_I))
+    for it in range(start, stop):
+        cols = it * BLOCK_I + tl.arange(0, BLOCK_I)
+        cmask = cols < I
+        tile = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * I + cols[None, :]
+        g = tl.load(G + offs, mask=tile, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=tile, other=0.0).to(tl.float32)
+        dm = tl.load(DM + offs, mask=tile, other=0.0).to(tl.float32)
+        w_offs = er[:, None] * I + cols[None, :]
+        w_mask = emask[:, None] & cmask[None, :]
+        b1 = tl.zeros([ER_P, BLOCK_I], dtype=tl.float32)
+        b3 = b1
+        a2 = b1
+        if HAS_L1:
+            b1 = tl.load(B1 + w_offs, mask=w_mask, other=0.0)
+        if HAS_L3:
+            b3 = tl.load(B3 + w_offs, mask=w_mask, other=0.0)
+        if HAS_OUT:
+            a2 = tl.load(A2 + w_offs, mask=w_mask, other=0.0)
+        dg = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+        du = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
+        for k in tl.static_range(K):
+            e = tl.load(EXP + rows * K + k, mask=rmask, other=0)
+            w = tl.load(W + rows * K + k, mask=rmask, other=0.0)
+            sel = (er[None, :] // R) == e[:, None]
+            dgk, duk, hd, dw, dmcm = _pair_grad_h(g, u, dm, c1, c3, dmc, b1, b3, a2, e, w, sel, rows, cols, k, seed,
+                                                  I, p_drop, drop_scale, K, HAS_L1, HAS_L3, HAS_OUT, DROP, ACT,
+                                                  DOT_PREC)
+            dw_acc += tl.where(ks[None, :] == k, dw[:, None], 0.0)
+            dg += dgk
+            du += duk
+            if HAS_L1:
+                dc1 += tl.where(sel, tl.dot(dgk.to(b1.dtype), tl.trans(b1), input_precision=DOT_PREC), 0.0)
+            if HAS_L3:
+                dc3 += tl.where(sel, tl.dot(duk.to(b3.dtype), tl.trans(b3), input_precision=DOT_PREC), 0.0)
+        tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=tile)
+        tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=tile)
+    if HAS_L1:
+        tl.atomic_add(DC1 + code_offs, dc1, mask=code_mask)
+    if HAS_L3:
+        tl.atomic_add(DC3 + code_offs, dc3, mask=code_mask)
+    tl.atomic_add(DW + rows[:, None] * K + ks[None, :], dw_acc, mask=rmask[:, None] & (ks[None, :] < K))
+
+
+@triton.jit
+def _pair_bwd_weights(G, U, C1, C3, B1, B3, A2, EXP, W, SEED, DM, DMC,
+                      DB1, DB3, DA2,
+                      T, I, ER, R, p_drop, drop_scale,
+                      K: tl.constexpr, ER_P: tl.constexpr, HAS_L1: tl.constexpr, HAS_L3: tl.constexpr,
+                      HAS_OUT: tl.constexpr, DROP: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Weight gradients (B1, B3, A2). One program: one I tile, a chunk of token tiles; the [ER, BLOCK_I]
+    sums stay in registers over the chunk and are added once."""
     cols = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     er = tl.arange(0, ER_P)
     cmask, emask = cols < I, er < ER
     w_offs = er[:, None] * I + cols[None, :]
     w_mask = emask[:, None] & cmask[None, :]
+    b1 = tl.zeros([ER_P, BLOCK_I], dtype=tl.float32)
+    b3 = b1
+    a2 = b1
     if HAS_L1:
         b1 = tl.load(B1 + w_offs, mask=w_mask, other=0.0)
         db1 = tl.zeros([ER_P, BLOCK_I], dtype=tl.float32)
@@ -115,10 +265,12 @@ def _pair_bwd(G, U, C1, C3, B1, B3, A2, EXP, W, SEED, DM, DMC,
     if HAS_OUT:
         a2 = tl.load(A2 + w_offs, mask=w_mask, other=0.0)
         da2 = tl.zeros([ER_P, BLOCK_I], dtype=tl.float32)
+    seed = 0
     if DROP:
         seed = tl.load(SEED)
-    for tt in range(TILES_T):
-        rows = (tl.program_id(1) * TILES_T + tt) * BLOCK_T + tl.arange(0, BLOCK_T)
+    start, stop = _chunk(tl.program_id(1), tl.num_programs(1), tl.cdiv(T, BLOCK_T))
+    for tt in range(start, stop):
+        rows = tt * BLOCK_T + tl.arange(0, BLOCK_T)
         rmask = rows < T
         tile = rmask[:, None] & cmask[None, :]
         offs = rows[:, None].to(tl.int64) * I + cols[None, :]
@@ -127,74 +279,31 @@ def _pair_bwd(G, U, C1, C3, B1, B3, A2, EXP, W, SEED, DM, DMC,
         dm = tl.load(DM + offs, mask=tile, other=0.0).to(tl.float32)
         code_offs = rows[:, None].to(tl.int64) * ER + er[None, :]
         code_mask = rmask[:, None] & emask[None, :]
+        c1 = tl.zeros([BLOCK_T, ER_P], dtype=tl.float32)
+        c3 = c1
+        dmc = c1
         if HAS_L1:
             c1 = tl.load(C1 + code_offs, mask=code_mask, other=0.0)
-            dc1 = tl.zeros([BLOCK_T, ER_P], dtype=tl.float32)
         if HAS_L3:
             c3 = tl.load(C3 + code_offs, mask=code_mask, other=0.0)
-            dc3 = tl.zeros([BLOCK_T, ER_P], dtype=tl.float32)
         if HAS_OUT:
             dmc = tl.load(DMC + code_offs, mask=code_mask, other=0.0)
-        dg = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
-        du = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
         for k in tl.static_range(K):
             e = tl.load(EXP + rows * K + k, mask=rmask, other=0)
             w = tl.load(W + rows * K + k, mask=rmask, other=0.0)
             sel = (er[None, :] // R) == e[:, None]
-            gk = g
-            uk = u
+            dgk, duk, hd, dw, dmcm = _pair_grad_h(g, u, dm, c1, c3, dmc, b1, b3, a2, e, w, sel, rows, cols, k, seed,
+                                                  I, p_drop, drop_scale, K, HAS_L1, HAS_L3, HAS_OUT, DROP, ACT,
+                                                  DOT_PREC)
             if HAS_L1:
                 c1m = tl.where(sel, c1, 0.0)
-                gk = gk + tl.dot(c1m, b1, input_precision=DOT_PREC)
+                db1 += tl.dot(tl.trans(c1m), dgk.to(c1m.dtype), input_precision=DOT_PREC)
             if HAS_L3:
                 c3m = tl.where(sel, c3, 0.0)
-                uk = uk + tl.dot(c3m, b3, input_precision=DOT_PREC)
-            sig = tl.sigmoid(gk)
-            if ACT == 0:
-                a = gk * sig
-                da = sig * (1.0 + gk * (1.0 - sig))
-            else:
-                z = 0.7978845608028654 * (gk + 0.044715 * gk * gk * gk)
-                s2 = tl.sigmoid(2.0 * z)  # (1 + tanh z) / 2
-                a = gk * s2
-                dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * gk * gk)
-                da = s2 + gk * 2.0 * s2 * (1.0 - s2) * dz  # d/dg of g (1 + tanh z) / 2
-            h = a * uk
-            dh = w[:, None] * dm
-            dw = tl.sum(dm * h, axis=1)
+                db3 += tl.dot(tl.trans(c3m), duk.to(c3m.dtype), input_precision=DOT_PREC)
             if HAS_OUT:
-                dmcm = tl.where(sel, dmc, 0.0)
-                q = tl.dot(dmcm.to(a2.dtype), a2, input_precision=DOT_PREC)
-                if DROP:
-                    rnd = tl.rand(seed, (rows[:, None] * K + k) * I + cols[None, :])
-                    keep = rnd >= p_drop
-                    hd = tl.where(keep, h * drop_scale, 0.0)
-                    dh += w[:, None] * tl.where(keep, q * drop_scale, 0.0)
-                else:
-                    hd = h
-                    dh += w[:, None] * q
-                dw += tl.sum(hd * q, axis=1)
                 wdmc = (dmcm * w[:, None]).to(a2.dtype)
                 da2 += tl.dot(tl.trans(wdmc), hd.to(a2.dtype), input_precision=DOT_PREC)
-            tl.atomic_add(DW + rows * K + k, dw, mask=rmask)
-            dgk = dh * uk * da
-            duk = dh * a
-            dg += dgk
-            du += duk
-            if HAS_L1:
-                dgk_c = dgk.to(b1.dtype)
-                dc1 += tl.where(sel, tl.dot(dgk_c, tl.trans(b1), input_precision=DOT_PREC), 0.0)
-                db1 += tl.dot(tl.trans(c1m), dgk_c, input_precision=DOT_PREC)
-            if HAS_L3:
-                duk_c = duk.to(b3.dtype)
-                dc3 += tl.where(sel, tl.dot(duk_c, tl.trans(b3), input_precision=DOT_PREC), 0.0)
-                db3 += tl.dot(tl.trans(c3m), duk_c, input_precision=DOT_PREC)
-        tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=tile)
-        tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=tile)
-        if HAS_L1:
-            tl.atomic_add(DC1 + code_offs, dc1, mask=code_mask)
-        if HAS_L3:
-            tl.atomic_add(DC3 + code_offs, dc3, mask=code_mask)
     if HAS_L1:
         tl.atomic_add(DB1 + w_offs, db1, mask=w_mask)
     if HAS_L3:
@@ -203,14 +312,14 @@ def _pair_bwd(G, U, C1, C3, B1, B3, A2, EXP, W, SEED, DM, DMC,
         tl.atomic_add(DA2 + w_offs, da2, mask=w_mask)
 
 
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_I": bi}, num_warps=nw, num_stages=1)
-    for bt, bi, nw in [(64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8), (32, 128, 4)]
-]
-_BWD_CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_I": bi, "TILES_T": tt}, num_warps=nw, num_stages=1)
-    for bt, bi, tt, nw in [(64, 64, 4, 8), (64, 32, 4, 4), (32, 64, 8, 4), (64, 64, 8, 8), (64, 32, 8, 4)]
-]
+def _configs(rows):
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_I": bi}, num_warps=nw, num_stages=ns) for bt, bi, nw, ns in rows]
+
+
+# The first of each list is the default when autotuning is off.
+_FWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)])
+_BWD_TOKEN_CONFIGS = _configs([(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2)])
+_BWD_WEIGHT_CONFIGS = _configs([(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)])
 _KEY = ["I", "ER", "R"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -219,16 +328,17 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("MIXLORA_FUSED_AUTOTUNE", "1") != "0"
 """Time the tile configs once per shape (the default); with MIXLORA_FUSED_AUTOTUNE=0 take the first
 config (tests: many shapes, each tuned once, would spend minutes compiling)."""
-if not AUTOTUNE:
-    _FWD_CONFIGS, _BWD_CONFIGS = _FWD_CONFIGS[:1], _BWD_CONFIGS[:1]
 
-if INTERPRETED:  # fixed small tiles: autotuning would time the interpreter
-    pair_fwd = triton.jit(_pair_fwd)
-    pair_bwd = triton.jit(_pair_bwd)
-else:
-    pair_fwd = triton.autotune(_FWD_CONFIGS, key=_KEY, reset_to_zero=["MCODE"])(triton.jit(_pair_fwd))
-    pair_bwd = triton.autotune(
-        _BWD_CONFIGS, key=_KEY, reset_to_zero=["DC1", "DC3", "DB1", "DB3", "DA2", "DW"]
-    )(triton.jit(_pair_bwd))
-INTERPRETER_FWD_META = {"BLOCK_T": 16, "BLOCK_I": 16}
-INTERPRETER_BWD_META = {"BLOCK_T": 16, "BLOCK_I": 16, "TILES_T": 2}
+
+def _tuned(kernel, configs, zeroed):
+    if INTERPRETED:  # fixed small tiles (INTERPRETER_META): autotuning would time the interpreter
+        return kernel
+    return triton.autotune(configs if AUTOTUNE else configs[:1], key=_KEY, reset_to_zero=zeroed)(kernel)
+
+
+pair_fwd = _tuned(_pair_fwd, _FWD_CONFIGS, ["MCODE"])
+pair_bwd_tokens = _tuned(_pair_bwd_tokens, _BWD_TOKEN_CONFIGS, ["DC1", "DC3", "DW"])
+pair_bwd_weights = _tuned(_pair_bwd_weights, _BWD_WEIGHT_CONFIGS, ["DB1", "DB3", "DA2"])
+INTERPRETER_META = {"BLOCK_T": 16, "BLOCK_I": 16}
+INTERPRETER_SMS = 2
+"""Multiprocessors to plan the grid for under the interpreter: small, so programs loop over chunks."""
