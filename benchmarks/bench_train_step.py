@@ -9,7 +9,7 @@ Variants, each on a fresh random bf16 model in the same process:
                   adapter weights (``autocast_adapter_dtype=False``: what a bf16 DeepSpeed run trains)
   peft-lora-fp32  the same with PEFT's default fp32 adapter weights
   reference       the reference ``mixlora`` 0.2.3 layers: 8 experts, top-2, r=16 alpha=32, attention LoRA too
-  mixlora_ds      the same MixLoRA config here, default ("auto") path, fp32 adapter weights;
+  mixlora_ds      the same MixLoRA config here, default (masked-dense) path, fp32 adapter weights;
                   ``mixlora_ds-bf16``: bf16 adapter weights; ``-dense`` / ``-fused`` / ``-grouped`` force a
                   compute path; ``-pairc`` compiles the dense path's per-pair math
   ...-compiled    any variant with every decoder layer's forward through ``torch.compile`` (what
@@ -77,7 +77,7 @@ def attach(variant: str, model: torch.nn.Module) -> list[torch.nn.Parameter]:
     dtype = torch.bfloat16 if "bf16" in variant else torch.float32
     inject_mixlora(model, MixLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=EXPERTS[0],
                                         top_k=EXPERTS[1], target_modules=TARGETS), adapter_dtype=dtype)
-    path = next((p for p in ("grouped", "dense", "fused") if f"-{p}" in variant), "auto")
+    path = next((p for p in ("grouped", "dense", "fused") if f"-{p}" in variant), "dense")
     set_compute_path(model, path)
     for block in moe_blocks(model):
         block.compiled = "-pairc" in variant

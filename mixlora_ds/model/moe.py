@@ -6,6 +6,8 @@ route -> dispatch -> expert compute -> combine; each stage lives in its own modu
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 from transformers.activations import ACT2FN
@@ -18,7 +20,7 @@ from mixlora_ds.model.families import FamilySpec
 from mixlora_ds.model.fused_ffn import FusedExpertFFN, fuse_block_weights, unshare_base_weights
 from mixlora_ds.model.router import MixLoraRouter, Routing
 
-COMPUTE_PATHS = ("auto", "fused", "dense", "grouped", "loop")
+COMPUTE_PATHS = ("dense", "fused", "grouped", "loop")
 
 
 class MixLoraMoeBlock(nn.Module):
@@ -49,10 +51,12 @@ class MixLoraMoeBlock(nn.Module):
                             ACT2FN[act_fn])
         self.dispatcher = LocalDispatcher()
         self.act_fn = act_fn
-        self.compute_path = "loop" if settings.use_dora else "auto"
-        """"auto" (default): "fused" where it can run (CUDA, Triton installed, a gated FFN with a
-        SiLU or tanh-GELU activation), else "dense". "fused": Triton kernels for the per-pair work
-        (``experts_fused.py``). "dense": masked GEMMs over all experts, the fastest without the kernels;
+        self._fused_fallbacks: set[str] = set()
+        self.compute_path = "loop" if settings.use_dora else "dense"
+        """"dense" (default: masked GEMMs over all experts, the fastest measured, see BENCHMARKS.md),
+        "fused" (Triton kernels for the per-pair work, ``experts_fused.py``: CUDA and a gated FFN with
+        a SiLU or tanh-GELU activation; less than half the dense path's activation memory, not yet
+        faster; falls back to "dense" where it cannot run),
         "grouped" (pairs sorted by expert, one grouped matmul per projection) or "loop" (the
         reference). DoRA experts need "loop": their per-expert output rescaling does not commute
         with the shared down projection."""
@@ -93,9 +97,9 @@ class MixLoraMoeBlock(nn.Module):
             y_TD = self.fused_ffn(x_TD, routing, compiled=x_TD.is_cuda if self.compiled is None else self.compiled)
         elif self.compute_path == "loop":
             y_TD = ffn_loop(self.ffn, self.experts, x_TD, routing)
-        elif self.compute_path in ("auto", "fused") and self._fused_ok(x_TD):
+        elif self.compute_path == "fused" and self._fused_ok(x_TD):
             y_TD = ffn_fused(self.ffn, self.experts, x_TD, routing, self.act_fn)
-        elif self.compute_path in ("auto", "dense"):
+        elif self.compute_path in ("fused", "dense"):
             y_TD = ffn_dense(self.ffn, self.experts, x_TD, routing, recompute=self.recompute, compiled=self.compiled)
         else:
             y_TD = ffn_grouped(self.ffn, self.experts, x_TD, routing, self.dispatcher, recompute=self.recompute)
@@ -105,9 +109,11 @@ class MixLoraMoeBlock(nn.Module):
         return y_TD.view(*batch_shape, -1)
 
     def _fused_ok(self, x_TD: torch.Tensor) -> bool:
+        """Whether the fused kernels can run this block on ``x_TD``; warns once per reason when not."""
         reason = fused_unsupported_reason(self.ffn, self.experts, self.act_fn, x_TD)
-        if reason is not None and self.compute_path == "fused":
-            raise ValueError(f"compute path 'fused' cannot run here: {reason}")
+        if reason is not None and reason not in self._fused_fallbacks:
+            self._fused_fallbacks.add(reason)
+            warnings.warn(f"MixLoRA compute path 'fused' falls back to 'dense': {reason}")
         return reason is None
 
 
@@ -117,16 +123,16 @@ def moe_blocks(model: nn.Module) -> list[MixLoraMoeBlock]:
 
 
 def set_compute_path(model: nn.Module, path: str, compiled: bool | None = None) -> None:
-    """Choose how every MixLoRA block computes its experts (see ``MixLoraMoeBlock.compute_path``;
-    "auto" is the default); ``compiled`` (dense path only) fuses the
+    """Choose how every MixLoRA block computes its experts (see ``MixLoraMoeBlock.compute_path``);
+    ``compiled`` (dense path only) fuses the
     per-pair element-wise work with torch.compile, worth ~5% of a 7B training step on an H100
     (None: on CUDA devices only, the default). Compiled, a second backward through a retained graph
     (``backward(retain_graph=True)`` twice) needs ``torch._functorch.config.donated_buffer = False``
     (PyTorch's donated buffers; seen on H200s), or ``compiled=False``."""
     if path not in COMPUTE_PATHS:
         raise ValueError(f"compute path must be one of {COMPUTE_PATHS}, got {path!r}")
-    if compiled and path not in ("dense", "auto"):  # None and False are fine for any path
-        raise ValueError("compiled=True applies to the 'dense' compute path (and 'auto' when it falls back to it)")
+    if compiled and path not in ("dense", "fused"):  # None and False are fine for any path
+        raise ValueError("compiled=True applies to the 'dense' compute path (and 'fused' where it falls back to it)")
     for block in moe_blocks(model):
         if path != "loop" and block.config.expert_settings().use_dora:
             raise ValueError("DoRA experts support only the 'loop' compute path")

@@ -133,8 +133,8 @@ def _assert_close(a, b, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_model_matches_float64_loop(model_type, overrides, dtype):
     truth = _train_step(model_type, overrides, "loop", torch.float64, "cpu")[:2]
-    logits, grads, blocks = _train_step(model_type, overrides, "auto", dtype, "cuda")
-    assert all(b._fused_ok(torch.empty(1, 1, dtype=dtype, device="cuda")) for b in blocks)  # auto chose fused
+    logits, grads, blocks = _train_step(model_type, overrides, "fused", dtype, "cuda")
+    assert all(b._fused_ok(torch.empty(1, 1, dtype=dtype, device="cuda")) for b in blocks)  # no fallback
     # fp32: the whole model (attention, norms) runs in fp32 on the GPU, not only the kernels
     _assert_close((logits, grads), truth, 1e-5 if dtype == torch.float32 else 5e-2)
 

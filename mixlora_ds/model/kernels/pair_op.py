@@ -45,6 +45,10 @@ def _meta(gate: torch.Tensor) -> dict:
     return {}
 
 
+def _class(gate: torch.Tensor, er_padded: int) -> str:
+    return kern.tile_class(gate.dtype == torch.float32, er_padded)
+
+
 def _programs(device: torch.device) -> int:
     """How many programs fill the GPU about twice (the chunked grids aim at this)."""
     if kern.INTERPRETED:
@@ -97,7 +101,7 @@ def pair_ffn(gate: torch.Tensor, up: torch.Tensor, code1: torch.Tensor | None, c
         n_t = triton.cdiv(T, m["BLOCK_T"])
         return n_t, _chunks(n_t, triton.cdiv(I, m["BLOCK_I"]), programs)
 
-    kern.pair_fwd[grid](*args, **flags, **_meta(gate))
+    kern.KERNELS[_class(gate, ER_P), "fwd"][grid](*args, **flags, **_meta(gate))
     return mixed, mcode
 
 
@@ -150,7 +154,7 @@ def pair_ffn_backward(grad_mixed: torch.Tensor, grad_code: torch.Tensor, gate: t
         n_t = triton.cdiv(T, m["BLOCK_T"])
         return n_t, _chunks(n_t, triton.cdiv(I, m["BLOCK_I"]), programs)
 
-    kern.pair_bwd_tokens[token_grid](
+    kern.KERNELS[_class(gate, ER_P), "bwd_tokens"][token_grid](
         *inputs, dgate, dup, _or_dummy(real(dcode1), gate), _or_dummy(real(dcode3), gate), dweight, *sizes,
         K_P=triton.next_power_of_2(K), **flags, **meta)
 
@@ -158,7 +162,7 @@ def pair_ffn_backward(grad_mixed: torch.Tensor, grad_code: torch.Tensor, gate: t
         n_i = triton.cdiv(I, m["BLOCK_I"])
         return n_i, _chunks(n_i, triton.cdiv(T, m["BLOCK_T"]), programs)
 
-    kern.pair_bwd_weights[weight_grid](
+    kern.KERNELS[_class(gate, ER_P), "bwd_weights"][weight_grid](
         *inputs, _or_dummy(real(dB1), gate), _or_dummy(real(dB3), gate), _or_dummy(real(dA2), gate), *sizes,
         **flags, **meta)
     return [dgate, dup, dcode1, dcode3, dB1, dB3, dA2, dweight]

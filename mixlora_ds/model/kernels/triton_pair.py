@@ -316,11 +316,25 @@ def _configs(rows):
     return [triton.Config({"BLOCK_T": bt, "BLOCK_I": bi}, num_warps=nw, num_stages=ns) for bt, bi, nw, ns in rows]
 
 
-# The first of each list is the default when autotuning is off.
-_FWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)])
-_BWD_TOKEN_CONFIGS = _configs([(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2)])
-_BWD_WEIGHT_CONFIGS = _configs([(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)])
+# Two tile classes: "small" for 16-bit operands with E*r <= 128 (the measured configuration), "large"
+# for fp32 operands or wider codes, whose tiles need twice the shared memory (the small class's first
+# config ran out of it in fp32 on an H200). The first config of each list is the default when
+# autotuning is off.
+_CONFIGS = {
+    "small": {
+        "fwd": _configs([(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]),
+        "bwd_tokens": _configs([(32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2)]),
+        "bwd_weights": _configs([(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)]),
+    },
+    "large": {
+        "fwd": _configs([(32, 32, 4, 1), (32, 64, 4, 1), (64, 32, 8, 1)]),
+        "bwd_tokens": _configs([(32, 32, 4, 1), (32, 64, 8, 1)]),
+        "bwd_weights": _configs([(32, 32, 4, 1), (64, 32, 8, 1)]),
+    },
+}
 _KEY = ["I", "ER", "R"]
+_ZEROED = {"fwd": ["MCODE"], "bwd_tokens": ["DC1", "DC3", "DW"], "bwd_weights": ["DB1", "DB3", "DA2"]}
+_BODIES = {"fwd": _pair_fwd, "bwd_tokens": _pair_bwd_tokens, "bwd_weights": _pair_bwd_weights}
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Triton's interpreter (set before triton is imported) runs the kernels on CPU tensors, for tests."""
@@ -336,9 +350,15 @@ def _tuned(kernel, configs, zeroed):
     return triton.autotune(configs if AUTOTUNE else configs[:1], key=_KEY, reset_to_zero=zeroed)(kernel)
 
 
-pair_fwd = _tuned(_pair_fwd, _FWD_CONFIGS, ["MCODE"])
-pair_bwd_tokens = _tuned(_pair_bwd_tokens, _BWD_TOKEN_CONFIGS, ["DC1", "DC3", "DW"])
-pair_bwd_weights = _tuned(_pair_bwd_weights, _BWD_WEIGHT_CONFIGS, ["DB1", "DB3", "DA2"])
+KERNELS = {(cls, name): _tuned(_BODIES[name], configs, _ZEROED[name])
+           for cls, lists in _CONFIGS.items() for name, configs in lists.items()}
+"""(tile class, kernel name) -> launchable kernel."""
+
+
+def tile_class(fp32: bool, er_padded: int) -> str:
+    return "large" if fp32 or er_padded > 128 else "small"
+
+
 INTERPRETER_META = {"BLOCK_T": 16, "BLOCK_I": 16}
 INTERPRETER_SMS = 2
 """Multiprocessors to plan the grid for under the interpreter: small, so programs loop over chunks."""
