@@ -7,4 +7,7 @@ cd "$repo_root"
 export MIXLORA_FUSED_AUTOTUNE="${MIXLORA_FUSED_AUTOTUNE:-0}"  # one tile config: many shapes
 export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'" 
+# The kernels' maths on CPU tensors through Triton's interpreter (its own process: the variable must be
+# set before triton is imported).
+TRITON_INTERPRET=1 python tests/core/fused_interpreter_probe.py
 exec python -m pytest -q -p no:cacheprovider -m gpu tests/gpu "$@"

@@ -34,8 +34,6 @@ def _runs_here(x_TD: torch.Tensor) -> bool:
 
 def fused_unsupported_reason(ffn: FFNShape, stacks: nn.ModuleDict, act_fn: str, x_TD: torch.Tensor) -> str | None:
     """Why the fused path cannot run this block on this input, or None when it can."""
-    if not kernels_importable():
-        return "triton is not installed"
     if not ffn.gated or len(ffn.input_names) != 2:
         return "the kernels cover gated FFNs with separate gate and up projections only"
     if act_fn not in KERNEL_ACTIVATIONS:
@@ -46,6 +44,8 @@ def fused_unsupported_reason(ffn: FFNShape, stacks: nn.ModuleDict, act_fn: str, 
         return "DoRA experts need the loop path"
     if x_TD.dtype not in KERNEL_DTYPES:
         return f"activations of dtype {x_TD.dtype} (the kernels take bf16, fp16 or fp32)"
+    if not kernels_importable():
+        return "triton is not installed"
     if not _runs_here(x_TD):
         return "the kernels need CUDA tensors"
     return None
