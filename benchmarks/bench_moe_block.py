@@ -49,12 +49,14 @@ def build(variant: str, cfg: LlamaConfig, device: str):
     from mixlora_ds.model.moe import MixLoraMoeBlock
 
     dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
-    mc = MixLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=EXPERTS[0], top_k=2, target_modules=list(FFN))
+    mc = MixLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=EXPERTS[0], top_k=2,
+                       target_modules=list(FFN))
     block = MixLoraMoeBlock(mlp, family_for("llama"), mc, cfg.hidden_size, "silu", dtype)
     with torch.no_grad():
         for stack in block.experts.values():
             stack.lora_B.normal_(0, 0.01)
-    block.compute_path = {"loop": "loop", "grouped": "grouped", "masked": "dense", "fused": "fused"}[variant.split("-")[0]]
+    paths = {"loop": "loop", "grouped": "grouped", "masked": "dense", "fused": "fused"}
+    block.compute_path = paths[variant.split("-")[0]]
     block.compiled = variant.endswith("compiled")
     return block
 
@@ -162,8 +164,9 @@ def roofline(T: int, D: int, I: int, E: int, K: int, r: int, bandwidth: float, f
         ("pair kernel bwd", lambda: torch.ops.mixlora_ds.pair_ffn_backward(gm, gc, *args),
          2 * T * K * I * ER * 8, two * 5 * T * I + 4 * (3 * ER * I + 2 * T * ER)),
         ("whole fused per-pair fwd+bwd (autograd)", lambda: torch.autograd.grad(
-            sum(o.float().square().sum() for o in fused_pair_math(x, expert, weight, [G, U], [l1, l3], l2, True, "silu",
-                                                                  num_experts=E)), [G, U, weight]),
+            sum(o.float().square().sum()
+                for o in fused_pair_math(x, expert, weight, [G, U], [l1, l3], l2, True, "silu", num_experts=E)),
+            [G, U, weight]),
          2 * T * K * I * ER * 11, two * 8 * T * I),
     ]
     print(f"\nroofline: {T} tokens, D {D}, I {I}, E {E}, top-{K}, r {r}; "

@@ -20,7 +20,10 @@ def make_problem(T, K, E, r, D, I, *, dtype=torch.float32, device="cpu", seed=0,
     named in ``missing`` ("l1", "l3", "out"), routing (expert indices avoiding ``unused_expert``; some
     slots weighted 0 like top-p padding), and the dtype/device the kernels run in."""
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale).requires_grad_()  # noqa: E731
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
     p = {"x": rnd(T, D), "gate": rnd(T, I), "up": rnd(T, I), "dtype": dtype, "device": device, "E": E}
     for name, (i, o) in {"l1": (D, I), "l3": (D, I), "out": (I, D)}.items():
         p[name] = None if name in missing else (rnd(E * r, i, scale=1 / math.sqrt(i)), rnd(E * r, o, scale=0.5))
@@ -45,7 +48,7 @@ def leaves(p) -> list[torch.Tensor]:
 def reference(p, act: str, keep_TKI=None, p_drop: float = 0.0):
     """(mixed [T, I], delta [T, D] or None) in float64, expert by expert; ``keep_TKI`` is the output
     dropout's keep mask (scaled by 1 / (1 - p_drop))."""
-    x, T, K = p["x"], *p["expert_TK"].shape
+    x, K = p["x"], p["expert_TK"].shape[1]
     E = p["E"]
     mixed = torch.zeros_like(p["gate"])
     delta = torch.zeros_like(x) if p["out"] is not None else None

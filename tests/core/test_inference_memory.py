@@ -3,8 +3,6 @@ is at most one copy of the expert weights (in the fused matrices), counted in st
 
 from __future__ import annotations
 
-import torch
-
 from mixlora_ds import MixLoraConfig, inject_mixlora
 from mixlora_ds.model.merge import prepare_for_inference
 from mixlora_ds.model.moe import moe_blocks
