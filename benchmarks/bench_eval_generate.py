@@ -317,6 +317,9 @@ def main(argv=None) -> int:
             for b in gen_batches:
                 once = decode_runner(model, b, *gen_args)
                 row["generate"].append(gen_result(b, args.new_tokens, [once() for _ in range(args.repeats)]))
+            # The runner closes over the model: dropped here, or this model would stay allocated
+            # while the next method is built and measured (its peak would include this one).
+            del once
         if device.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         rows.append(row)

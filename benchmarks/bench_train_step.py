@@ -4,12 +4,17 @@
     python benchmarks/bench_train_step.py --tiny          # CPU smoke run
 
 Variants, each on a fresh random bf16 model in the same process:
-  base       frozen base, no adapter (backward to the inputs): the ceiling no PEFT method can pass
-  peft-lora  PEFT LoRA r=80 alpha=160 on all 7 projections (the paper's LoRA baseline budget)
-  reference  the reference ``mixlora`` 0.2.3 layers: 8 experts, top-2, r=16 alpha=32, attention LoRA too
-  mixlora_ds the same MixLoRA config here: default (masked-dense) path with fp32 adapter weights like
-             PEFT's; the same with bf16 adapter weights; and the grouped path
-Reports tokens/s (median of timed steps) and peak memory. Also a per-block microbenchmark.
+  base            frozen base, no adapter (backward to the inputs): the ceiling no PEFT method can pass
+  peft-lora       PEFT LoRA r=80 alpha=160 on all 7 projections (the paper's LoRA baseline budget), bf16
+                  adapter weights (``autocast_adapter_dtype=False``: what a bf16 DeepSpeed run trains)
+  peft-lora-fp32  the same with PEFT's default fp32 adapter weights
+  reference       the reference ``mixlora`` 0.2.3 layers: 8 experts, top-2, r=16 alpha=32, attention LoRA too
+  mixlora_ds      the same MixLoRA config here, default (masked-dense) path, fp32 adapter weights;
+                  ``mixlora_ds-bf16``: bf16 adapter weights; ``-dense`` / ``-fused`` / ``-grouped`` force a
+                  compute path; ``-pairc`` compiles the dense path's per-pair math
+  ...-compiled    any variant with every decoder layer's forward through ``torch.compile`` (what
+                  ``model.compile: true`` does); e.g. ``base-compiled``, ``mixlora_ds-bf16-fused-compiled``
+Reports tokens/s (median of timed steps) and peak memory. Per-block view: ``bench_moe_block.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+EXPERTS = [8, 2]  # MixLoRA experts, top-k (set from the command line)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -45,14 +51,21 @@ def fresh_model(cfg: LlamaConfig, device: str) -> torch.nn.Module:
 
 
 def attach(variant: str, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Add the variant's adapter; return the parameters the optimizer trains."""
+    """Add the variant's adapter (``-compiled`` then compiles every decoder layer); return the
+    parameters the optimizer trains."""
+    if variant.endswith("-compiled"):
+        params = attach(variant[: -len("-compiled")], model)
+        for layer in model.model.layers:
+            layer.compile()
+        return params
     if variant == "base":
         model.enable_input_require_grads()
         return []
-    if variant == "peft-lora":
+    if variant in ("peft-lora", "peft-lora-fp32"):
         from peft import LoraConfig, get_peft_model
 
-        peft = get_peft_model(model, LoraConfig(r=80, lora_alpha=160, lora_dropout=0.05, target_modules=TARGETS))
+        peft = get_peft_model(model, LoraConfig(r=80, lora_alpha=160, lora_dropout=0.05, target_modules=TARGETS),
+                              autocast_adapter_dtype=variant.endswith("fp32"))
         model.peft_wrapper = peft  # keep the wrapper alive; the modules are injected in place
         return [p for p in model.parameters() if p.requires_grad]
     if variant == "reference":
@@ -62,11 +75,12 @@ def attach(variant: str, model: torch.nn.Module) -> list[torch.nn.Parameter]:
     from mixlora_ds.model.moe import moe_blocks, set_compute_path
 
     dtype = torch.bfloat16 if "bf16" in variant else torch.float32
-    inject_mixlora(model, MixLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=8, top_k=2,
-                                        target_modules=TARGETS), adapter_dtype=dtype)
-    set_compute_path(model, "grouped" if "grouped" in variant else "dense")
+    inject_mixlora(model, MixLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=EXPERTS[0],
+                                        top_k=EXPERTS[1], target_modules=TARGETS), adapter_dtype=dtype)
+    path = next((p for p in ("grouped", "dense", "fused") if f"-{p}" in variant), "dense")
+    set_compute_path(model, path)
     for block in moe_blocks(model):
-        block.compiled = variant.endswith("compiled")
+        block.compiled = "-pairc" in variant
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -163,19 +177,25 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--variants", default="base,peft-lora,reference,mixlora_ds,mixlora_ds-bf16,mixlora_ds-grouped,mixlora_ds-bf16-compiled")
+    ap.add_argument("--variants", default="base,base-compiled,peft-lora,peft-lora-compiled,peft-lora-fp32,"
+                    "mixlora_ds-bf16-dense,mixlora_ds-bf16-dense-compiled,mixlora_ds-bf16-fused,"
+                    "mixlora_ds-bf16-fused-compiled")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.tiny:
         args.seq, args.steps, args.warmup = min(args.seq, 64), min(args.steps, 2), 1
     cfg = model_config(args.tiny)
+    EXPERTS[:] = [args.experts, args.top_k]
     results = [run_variant(v, cfg, args, device) for v in args.variants.split(",")]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\ndevice: {name}; torch {torch.__version__}; batch {args.batch} x seq {args.seq}")
-    print(f"{'variant':<18}{'tokens/s':>12}{'step ms':>10}{'peak GiB':>10}{'trainable':>14}")
+    print(f"MixLoRA: {args.experts} experts, top-{args.top_k}, r=16")
+    print(f"{'variant':<34}{'tokens/s':>12}{'step ms':>10}{'peak GiB':>10}{'trainable':>14}")
     for r in results:
-        print(f"{r['variant']:<18}{r['tokens_per_s']:>12,.0f}{r['step_s'] * 1e3:>10.1f}{r['peak_gib']:>10.1f}"
+        print(f"{r['variant']:<34}{r['tokens_per_s']:>12,.0f}{r['step_s'] * 1e3:>10.1f}{r['peak_gib']:>10.1f}"
               f"{r['trainable_params']:>14,}")
     if args.json:
         with open(args.json, "w") as f:

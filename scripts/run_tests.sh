@@ -7,7 +7,7 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" DS_ACCELERATOR=cpu
 set +e
-python -m pytest -q -p no:cacheprovider tests "$@"
+python -m pytest -q -p no:cacheprovider -m "not gpu" tests "$@"  # GPU tests: scripts/run_gpu_tests.sh
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

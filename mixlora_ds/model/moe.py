@@ -8,6 +8,8 @@ expert compute runs over the experts this block holds.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 from transformers.activations import ACT2FN
@@ -15,12 +17,13 @@ from transformers.activations import ACT2FN
 from mixlora_ds.config import MixLoraConfig
 from mixlora_ds.model.dispatch import LocalDispatcher, RoutedTokens, TokenDispatcher
 from mixlora_ds.model.experts import ExpertLoraStack, FFNShape, ffn_loop, folded_ffn
+from mixlora_ds.model.experts_fused import fused_pair_math_for, fused_unsupported_reason
 from mixlora_ds.model.families import FamilySpec
 from mixlora_ds.model.fused_ffn import FusedExpertFFN, fuse_block_weights, unshare_base_weights
 from mixlora_ds.model.pair_math import PAIR_MATH
 from mixlora_ds.model.router import MixLoraRouter, Routing
 
-COMPUTE_PATHS = (*PAIR_MATH, "loop")
+COMPUTE_PATHS = (*PAIR_MATH, "fused", "loop")
 
 
 class MixLoraMoeBlock(nn.Module):
@@ -52,10 +55,15 @@ class MixLoraMoeBlock(nn.Module):
         self.dispatcher: TokenDispatcher = dispatcher or LocalDispatcher()
         self.num_local_experts = config.num_experts
         """Experts held here: all of them, or a slice under expert parallelism (``keep_experts``)."""
+        self.act_fn = act_fn
+        self._fused_fallbacks: set[str] = set()
         self.compute_path = "loop" if settings.use_dora else "dense"
-        """A folded path of ``pair_math.PAIR_MATH`` ("dense", the default: masked GEMMs over all
-        experts; "grouped": pairs sorted by expert, one grouped matmul per projection) or "loop"
-        (the reference). DoRA experts need "loop": their per-expert output rescaling does not commute
+        """"dense" (the default: masked GEMMs over all experts, the fastest measured, see BENCHMARKS.md)
+        or "grouped" (pairs sorted by expert, one grouped matmul per projection), the folded paths of
+        ``pair_math.PAIR_MATH``; "fused" (Triton kernels for the per-pair work, ``experts_fused.py``:
+        CUDA and a gated FFN with a SiLU or tanh-GELU activation; less than half the dense path's
+        activation memory, not yet faster; falls back to "dense" where it cannot run); or "loop" (the
+        reference). DoRA experts need "loop": their per-expert output rescaling does not commute
         with the shared down projection."""
         self.recompute = True
         """Recompute per-pair intermediates in backward instead of storing them."""
@@ -111,8 +119,21 @@ class MixLoraMoeBlock(nn.Module):
             return self.fused_ffn(tokens, self.num_local_experts, compiled=compiled)
         if self.compute_path == "loop":
             return ffn_loop(self.ffn, self.experts, tokens, self.num_local_experts)
-        return folded_ffn(self.ffn, self.experts, tokens, self.num_local_experts, PAIR_MATH[self.compute_path],
-                          recompute=self.recompute, compiled=compiled and self.compute_path == "dense")
+        if self.compute_path == "fused" and self._fused_ok(tokens.x_ND):
+            # The custom op recomputes its per-pair intermediates in backward itself.
+            return folded_ffn(self.ffn, self.experts, tokens, self.num_local_experts,
+                              fused_pair_math_for(self.act_fn), recompute=False)
+        path = "dense" if self.compute_path == "fused" else self.compute_path
+        return folded_ffn(self.ffn, self.experts, tokens, self.num_local_experts, PAIR_MATH[path],
+                          recompute=self.recompute, compiled=compiled and path == "dense")
+
+    def _fused_ok(self, x_TD: torch.Tensor) -> bool:
+        """Whether the fused kernels can run this block on ``x_TD``; warns once per reason when not."""
+        reason = fused_unsupported_reason(self.ffn, self.experts, self.act_fn, x_TD)
+        if reason is not None and reason not in self._fused_fallbacks:
+            self._fused_fallbacks.add(reason)
+            warnings.warn(f"MixLoRA compute path 'fused' falls back to 'dense': {reason}")
+        return reason is None
 
 
 def moe_blocks(model: nn.Module) -> list[MixLoraMoeBlock]:
@@ -121,14 +142,15 @@ def moe_blocks(model: nn.Module) -> list[MixLoraMoeBlock]:
 
 
 def set_compute_path(model: nn.Module, path: str, compiled: bool | None = None) -> None:
-    """Choose how every MixLoRA block computes its experts; ``compiled`` (dense path only) fuses the
-    per-pair element-wise work with torch.compile (None: on CUDA devices only, the default). Compiled, a second backward through a retained graph
+    """Choose how every MixLoRA block computes its experts (see ``MixLoraMoeBlock.compute_path``);
+    ``compiled`` (dense path only) fuses the per-pair element-wise work with torch.compile (None: on
+    CUDA devices only, the default). Compiled, a second backward through a retained graph
     (``backward(retain_graph=True)`` twice) needs ``torch._functorch.config.donated_buffer = False``
     (PyTorch's donated buffers; seen on H200s), or ``compiled=False``."""
     if path not in COMPUTE_PATHS:
         raise ValueError(f"compute path must be one of {COMPUTE_PATHS}, got {path!r}")
-    if compiled and path != "dense":  # None and False are fine for any path
-        raise ValueError("compiled=True applies to the 'dense' compute path only")
+    if compiled and path not in ("dense", "fused"):  # None and False are fine for any path
+        raise ValueError("compiled=True applies to the 'dense' compute path (and 'fused' where it falls back to it)")
     for block in moe_blocks(model):
         if path != "loop" and block.config.expert_settings().use_dora:
             raise ValueError("DoRA experts support only the 'loop' compute path")

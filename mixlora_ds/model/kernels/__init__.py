@@ -1,0 +1,1 @@
+"""Fused GPU kernels (Triton) for MixLoRA blocks; optional: everything here needs ``triton``."""
