@@ -281,6 +281,7 @@ class Trainer:
         ])
         t = dist.all_reduce_(flat).cpu().numpy()
         _raise_if_diverged(t[:n], iv)
+        ep_scalars = self._expert_parallel_scalars(n, max(time.time() - iv.t0, 1e-9))
         if not dist.is_main():
             return
         tokens = [float(x) for x in iv.tokens]
@@ -312,6 +313,7 @@ class Trainer:
             "perf/tokens_per_s": tps, "perf/tokens_per_s_per_device": tps / self.world, "perf/tflops": tflops,
             "perf/peak_mem_gb": peak_memory_gb(),
         }
+        scalars.update(ep_scalars)
         if self.cfg.logging.peak_tflops:
             scalars["perf/mfu"] = tflops / self.cfg.logging.peak_tflops
         for i, name in enumerate(self.task_names):
@@ -335,6 +337,31 @@ class Trainer:
             f"aux {scalars['train/aux_loss']:.5f} | lr {iv.lr[-1]:.2e} | gnorm {np.nanmean(grad_norm):.3f} | "
             f"{tps:,.0f} tok/s | {tflops:.3f} TFLOP/s/dev | mem {scalars['perf/peak_mem_gb']:.2f} GB"
         )
+
+    def _expert_parallel_scalars(self, steps: int, elapsed: float) -> dict[str, float]:
+        """Collective under expert parallelism: per interval step, rows received by each EP rank (over
+        its replicas), their imbalance per layer (max / mean over EP ranks), bytes sent per rank, and
+        the share of wall time in all-to-all exchanges. Empty without EP and on ranks other than 0."""
+        if self.experts is None:
+            return {}
+        ep = self.built.expert_parallel
+        stats = ep.stats
+        L, P = len(stats.received), ep.layout.ep_size
+        local = torch.tensor(stats.received + [stats.sent_bytes, stats.exchange_seconds()], dtype=torch.float64)
+        stats.reset()
+        every = [torch.zeros_like(local) for _ in range(self.world)]
+        torch.distributed.all_gather(every, local)
+        if not dist.is_main():
+            return {}
+        table = torch.stack(every)  # [world, L + 2]
+        received_PL = table[:, :L].view(self.world // P, P, L).sum(0)
+        imbalance_L = received_PL.max(0).values / received_PL.mean(0).clamp_min(1e-9)
+        out = {f"ep/tokens_received/ep_rank_{p}": float(received_PL[p].sum()) / steps for p in range(P)}
+        out.update({f"ep/received_imbalance/layer_{i}": float(x) for i, x in enumerate(imbalance_L)})
+        out["ep/received_imbalance_max"] = float(imbalance_L.max())
+        out["ep/bytes_sent_per_step"] = float(table[:, L].mean()) / steps
+        out["ep/all_to_all_time_share"] = float(table[:, L + 1].mean()) / elapsed
+        return out
 
     def write_scalar(self, tag: str, value: float) -> None:
         if dist.is_main():
