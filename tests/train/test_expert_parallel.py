@@ -80,6 +80,19 @@ def test_resume_with_another_ep_size_reshards_the_experts(ep4_dp2_run, reference
     assert_same_run(result, reference_run, steps=[5, 6, 7, 8])
 
 
+def test_resume_into_another_world_size_is_refused_by_name(ep4_dp2_run, assets, runs_root):
+    """Experts reshard across EP sizes, but DeepSpeed's partitions of the replicated adapter and the
+    readers' positions are per rank: a 4-rank checkpoint resumed by 2 ranks is refused, naming both."""
+    out = runs_root / "ep_world_changed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ep4_dp2_run.out_dir / "checkpoints" / "step_00000004", out / "checkpoints" / "step_00000004")
+    cfg = run_config(assets, out, parallel={"expert_parallel_size": 2})
+    result = run_training(2, write_config(cfg, runs_root / "ep_world_changed.yaml"), out, "--resume", "auto")
+    assert result.returncode != 0, result.output[-3000:]
+    assert "saved with 4 ranks, resuming with 2" in result.output
+    assert not (out / "adapter").exists()
+
+
 def test_resume_without_ep_into_ep_is_refused(reference_run, assets, runs_root):
     out = runs_root / "no_ep_to_ep"
     (out / "checkpoints").mkdir(parents=True)
