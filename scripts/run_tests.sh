@@ -7,7 +7,8 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" DS_ACCELERATOR=cpu
 set +e
-python -m pytest -q -p no:cacheprovider -m "not gpu" tests "$@"  # GPU tests: scripts/run_gpu_tests.sh
+# --durations: the slowest tests in every run, to keep the whole CI run well under 30 minutes.
+python -m pytest -q -p no:cacheprovider -m "not gpu" --durations=25 tests "$@"  # GPU tests: scripts/run_gpu_tests.sh
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
