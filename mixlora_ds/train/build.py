@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from mixlora_ds.model.experts import is_expert_param
-from mixlora_ds.train.config import TrainConfig, TrainConfigError, where_of
+from mixlora_ds.train.config import TrainConfig, TrainConfigError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -60,26 +60,26 @@ def hf_config_for(cfg: TrainConfig):
         path = m.name_or_path
         if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
             raise TrainConfigError(
-                f"{where_of(cfg, 'model.name_or_path')}: model.name_or_path={path!r} is not a local model "
+                f"{cfg.where('model.name_or_path')}: model.name_or_path={path!r} is not a local model "
                 f"directory with a config.json (nothing is downloaded)"
             )
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=m.trust_remote_code)
     if m.config is None:
-        raise TrainConfigError(f"{where_of(cfg, 'model')}: give model.name_or_path or model.config")
+        raise TrainConfigError(f"{cfg.where('model')}: give model.name_or_path or model.config")
     if isinstance(m.config, str):
         if not os.path.isfile(m.config):
-            raise TrainConfigError(f"{where_of(cfg, 'model.config')}: model.config file {m.config!r} not found")
+            raise TrainConfigError(f"{cfg.where('model.config')}: model.config file {m.config!r} not found")
         with open(m.config, encoding="utf-8") as f:
             d = json.load(f)
     else:
         d = dict(m.config)
     model_type = d.pop("model_type", None)
     if not model_type:
-        raise TrainConfigError(f"{where_of(cfg, 'model.config')}: model.config needs a 'model_type' (e.g. llama)")
+        raise TrainConfigError(f"{cfg.where('model.config')}: model.config needs a 'model_type' (e.g. llama)")
     try:
         return AutoConfig.for_model(model_type, **d)
     except (ValueError, TypeError) as e:
-        raise TrainConfigError(f"{where_of(cfg, 'model.config')}: {e}") from None
+        raise TrainConfigError(f"{cfg.where('model.config')}: {e}") from None
 
 
 def adapter_config_for(cfg: TrainConfig):
@@ -88,10 +88,9 @@ def adapter_config_for(cfg: TrainConfig):
     try:
         return MixLoraConfig(**cfg.adapter)
     except TypeError as e:  # an unknown field
-        raise TrainConfigError(f"{where_of(cfg, 'adapter')}: adapter: {e}") from None
+        raise TrainConfigError(f"{cfg.where('adapter')}: adapter: {e}") from None
     except ConfigError as e:
-        key = str(e).split("'")[1] if "'" in str(e) else ""
-        raise TrainConfigError(f"{where_of(cfg, 'adapter.' + key if key else 'adapter')}: {e}") from None
+        raise cfg.error(f"adapter.{e.field}" if e.field else "adapter", str(e)) from None
 
 
 @contextlib.contextmanager
@@ -127,7 +126,7 @@ def check_adapter_targets(cfg: TrainConfig, hf_config, adapter_config) -> None:
     missing = [t for t in adapter_config.target_modules if t not in leaf_names]
     if missing:
         raise TrainConfigError(
-            f"{where_of(cfg, 'adapter.target_modules')}: adapter.target_modules {missing} not found in the "
+            f"{cfg.where('adapter.target_modules')}: adapter.target_modules {missing} not found in the "
             f"{hf_config.model_type} model; its linear layers are {sorted(leaf_names)}"
         )
 
@@ -238,7 +237,7 @@ def shard_frozen_base_of(cfg: TrainConfig, model: nn.Module, dtype: torch.dtype)
     elif transport != "nccl":
         why_not = peer_copy.check_available(group, dist.device())
         if why_not is not None and transport == "copy_engine":
-            raise TrainConfigError(f"{where_of(cfg, 'deepspeed.zero3_gather_transport')}: "
+            raise TrainConfigError(f"{cfg.where('deepspeed.zero3_gather_transport')}: "
                                    f"deepspeed.zero3_gather_transport=copy_engine is not possible here: {why_not}")
         if why_not is not None and dist.device().type == "cuda" and dist.is_main():
             logging.getLogger(__name__).warning("ZeRO-3 gathers by NCCL, not copy engine: %s", why_not)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from mixlora_ds.train.config import TrainConfig, TrainConfigError, where_of
+from mixlora_ds.train.config import TrainConfig, TrainConfigError
 from mixlora_ds.train.ds_config import (engine_ds_config, resolve_ds_config, resolve_precision,
                                         shards_base_itself, zero_stage)
 from mixlora_ds.train.tokenizer_check import check_data_fits_model
@@ -55,10 +55,10 @@ def accelerator_name() -> str:
 def _read_manifest(cfg: TrainConfig, key: str, path: str) -> dict[str, Any]:
     manifest = os.path.join(path, "manifest.json")
     if not os.path.isdir(path):
-        raise TrainConfigError(f"{where_of(cfg, key)}: {key}={path!r}: data directory not found "
+        raise TrainConfigError(f"{cfg.where(key)}: {key}={path!r}: data directory not found "
                                f"(prepare it with data_prep/prepare.py)")
     if not os.path.isfile(manifest):
-        raise TrainConfigError(f"{where_of(cfg, key)}: {key}={path!r} has no manifest.json: not a prepared "
+        raise TrainConfigError(f"{cfg.where(key)}: {key}={path!r} has no manifest.json: not a prepared "
                                f"data directory")
     try:
         with open(manifest, encoding="utf-8") as f:
@@ -73,7 +73,7 @@ def _split_len(cfg: TrainConfig, key: str, data_dir: str, split: str) -> int:
     try:
         return len(PackedDataset(data_dir, split=split))
     except (KeyError, ValueError, FileNotFoundError) as e:
-        raise TrainConfigError(f"{where_of(cfg, key)}: {key}={data_dir!r}, split {split!r}: {e}") from None
+        raise TrainConfigError(f"{cfg.where(key)}: {key}={data_dir!r}, split {split!r}: {e}") from None
 
 
 def has_split(data_dir: str, split: str) -> bool:
@@ -85,18 +85,11 @@ def has_split(data_dir: str, split: str) -> bool:
         return False
 
 
-def _positive(cfg: TrainConfig, key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise TrainConfigError(f"{where_of(cfg, key)}: '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
 def check_expert_parallel(cfg: TrainConfig, adapter_config, world_size: int, stage: int, shards_base: bool) -> None:
     """``parallel.expert_parallel_size`` against the adapter, the world size and the ZeRO setup."""
     ep = cfg.parallel.expert_parallel_size
     key = "parallel.expert_parallel_size"
-    where = where_of(cfg, key)
-    if ep < 1:
-        raise TrainConfigError(f"{where}: '{key}' must be >= 1 (1 = off), got {ep}")
+    where = cfg.where(key)
     if ep == 1:
         return
     if adapter_config.peft_type != "MIXLORA":
@@ -122,35 +115,10 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
     from mixlora_ds.train.schedule import warmup_steps_for
 
     device = device or accelerator_name()
-    # Scalars first: cheap, and they explain most mistakes.
-    _positive(cfg, "batch.micro_batch_size", cfg.batch.micro_batch_size)
-    _positive(cfg, "batch.global_batch_size", cfg.batch.global_batch_size)
-    _positive(cfg, "optim.lr", cfg.optim.lr)
-    _positive(cfg, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
-    _positive(cfg, "optim.max_grad_norm", cfg.optim.max_grad_norm, allow_zero=True)
-    _positive(cfg, "checkpoint.keep_last", cfg.checkpoint.keep_last)
-    _positive(cfg, "checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
-    _positive(cfg, "logging.every_steps", cfg.logging.every_steps)
-    _positive(cfg, "deepspeed.zero3_prefetch_layers", cfg.deepspeed.zero3_prefetch_layers, allow_zero=True)
-    _positive(cfg, "eval.every_steps", cfg.eval.every_steps, allow_zero=True)
-    _positive(cfg, "schedule.warmup_steps", cfg.schedule.warmup_steps, allow_zero=True)
-    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        raise TrainConfigError(f"{where_of(cfg, 'optim.betas')}: optim.betas must be two numbers in [0, 1)")
-    if not 0 <= cfg.schedule.warmup_ratio < 1:
-        raise TrainConfigError(f"{where_of(cfg, 'schedule.warmup_ratio')}: schedule.warmup_ratio must be in [0, 1)")
-    if not 0 <= cfg.schedule.min_lr_ratio <= 1:
-        raise TrainConfigError(f"{where_of(cfg, 'schedule.min_lr_ratio')}: schedule.min_lr_ratio must be in [0, 1]")
-    if cfg.max_steps is not None:
-        _positive(cfg, "max_steps", cfg.max_steps)
-    _positive(cfg, "schedule.num_epochs", cfg.schedule.num_epochs)
-    if cfg.logging.peak_tflops is not None:
-        _positive(cfg, "logging.peak_tflops", cfg.logging.peak_tflops)
-    if cfg.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
-        raise TrainConfigError(f"{where_of(cfg, 'model.attn_implementation')}: model.attn_implementation must be "
-                               f"sdpa, eager, flash_attention_2 or flash_attention_3")
+    # The config's own fields were checked when it was loaded; what follows needs the device, the
+    # model, the world size or the data. Cheap checks first: they explain most mistakes.
     if device == "cpu" and cfg.model.attn_implementation.startswith("flash"):
-        raise TrainConfigError(f"{where_of(cfg, 'model.attn_implementation')}: flash attention needs a GPU; "
-                               f"use sdpa on CPU")
+        raise cfg.error("model.attn_implementation", "flash attention needs a GPU; use sdpa on CPU")
 
     precision = resolve_precision(cfg, device)
     adapter_config = adapter_config_for(cfg)
@@ -162,25 +130,25 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
     shards_base = shards_base_itself(cfg, ds_config)
     engine_config = engine_ds_config(cfg, ds_config)
     if cfg.model.compile and stage == 3 and not shards_base:
-        raise TrainConfigError(f"{where_of(cfg, 'model.compile')}: model.compile does not work with "
+        raise TrainConfigError(f"{cfg.where('model.compile')}: model.compile does not work with "
                                f"deepspeed.zero3_impl: deepspeed (DeepSpeed's stage-3 parameter hooks run inside "
                                f"the compiled layers); use zero3_impl: mixlora_ds, or model.compile: false")
     check_expert_parallel(cfg, adapter_config, world_size, stage, shards_base)
     if shards_base and cfg.deepspeed.zero3_gather_transport == "copy_engine" and device != "cuda":
         # (whether every rank shares one host is checked when the base is sharded: it takes a collective)
-        raise TrainConfigError(f"{where_of(cfg, 'deepspeed.zero3_gather_transport')}: "
+        raise TrainConfigError(f"{cfg.where('deepspeed.zero3_gather_transport')}: "
                                f"deepspeed.zero3_gather_transport=copy_engine needs CUDA GPUs, this run is on "
                                f"{device}; use auto or nccl")
 
     if not cfg.data.train_dir:
-        raise TrainConfigError(f"{where_of(cfg, 'data.train_dir')}: data.train_dir is required")
+        raise TrainConfigError(f"{cfg.where('data.train_dir')}: data.train_dir is required")
     manifest = _read_manifest(cfg, "data.train_dir", cfg.data.train_dir)
     n_train = _split_len(cfg, "data.train_dir", cfg.data.train_dir, cfg.data.train_split)
     per_rank = n_train // world_size if cfg.data.drop_last else math.ceil(n_train / world_size)
     mb_per_epoch = per_rank // cfg.batch.micro_batch_size
     if mb_per_epoch < 1:
         raise TrainConfigError(
-            f"{where_of(cfg, 'data.train_dir')}: {n_train} packed training sequences cannot fill one "
+            f"{cfg.where('data.train_dir')}: {n_train} packed training sequences cannot fill one "
             f"micro-batch of {cfg.batch.micro_batch_size} on each of {world_size} ranks"
         )
     seq_len = manifest.get("seq_len") or manifest.get("max_seq_len")
@@ -198,7 +166,7 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
         eval_dir = cfg.data.train_dir
     elif cfg.eval.every_steps > 0:
         raise TrainConfigError(
-            f"{where_of(cfg, 'eval.every_steps')}: eval.every_steps={cfg.eval.every_steps} but there is no "
+            f"{cfg.where('eval.every_steps')}: eval.every_steps={cfg.eval.every_steps} but there is no "
             f"held-out data: set data.eval_dir or prepare an '{cfg.data.eval_split}' split"
         )
     datasets = [("data.train_dir", cfg.data.train_dir, manifest, cfg.data.train_split)]
