@@ -106,6 +106,7 @@ def case_ds_config(case: str) -> dict:
 
 
 def make_config(args, world: int):
+    from mixlora_ds import MixLoraConfig
     from mixlora_ds.train.config import TrainConfig, load_config
 
     cfg: TrainConfig = load_config(None)
@@ -113,7 +114,7 @@ def make_config(args, world: int):
     cfg.model.attn_implementation = args.attn
     cfg.model.gradient_checkpointing = args.checkpointing
     cfg.model.compile = args.compile
-    cfg.adapter = dict(ADAPTERS[args.adapter])
+    cfg.adapter = MixLoraConfig(**ADAPTERS[args.adapter])
     cfg.batch.micro_batch_size = args.micro
     cfg.batch.global_batch_size = args.micro * world
     cfg.optim.impl = "torch"

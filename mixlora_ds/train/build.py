@@ -82,17 +82,6 @@ def hf_config_for(cfg: TrainConfig):
         raise TrainConfigError(f"{cfg.where('model.config')}: {e}") from None
 
 
-def adapter_config_for(cfg: TrainConfig):
-    from mixlora_ds.config import ConfigError, MixLoraConfig
-
-    try:
-        return MixLoraConfig(**cfg.adapter)
-    except TypeError as e:  # an unknown field
-        raise TrainConfigError(f"{cfg.where('adapter')}: adapter: {e}") from None
-    except ConfigError as e:
-        raise cfg.error(f"adapter.{e.field}" if e.field else "adapter", str(e)) from None
-
-
 @contextlib.contextmanager
 def plain_construction():
     """Build models without zero.Init even while a ZeRO-3 run's ``HfDeepSpeedConfig`` is alive.
@@ -143,7 +132,7 @@ def build_model(cfg: TrainConfig, ds_config: dict[str, Any], precision: str, sta
     shard_base = shards_base_itself(cfg, ds_config)
     deepspeed_stage3 = stage == 3 and not shard_base
     hf_config = hf_config_for(cfg)
-    adapter_config = adapter_config_for(cfg)
+    adapter_config = cfg.adapter
     dtype = _DTYPES[precision]
     # Transformers checks this object (through a weak reference) in from_pretrained/from_config and
     # then wraps construction in zero.Init with our config; dropping it would silently build the

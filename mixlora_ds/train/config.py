@@ -4,7 +4,7 @@ A run file has these sections (every key is optional unless marked; see ``config
 
     run_name, output_dir, seed, precision, max_steps, gc_every_steps
     model:      where the frozen base comes from (a local Hugging Face dir, or a config with random weights)
-    adapter:    a MixLoRA config, or a LoRA/DoRA baseline (fields of ``mixlora_ds.MixLoraConfig``)
+    adapter:    a MixLoRA config, or a LoRA/DoRA baseline (a ``mixlora_ds.MixLoraConfig``)
     data:       prepared shard directories (``data_prep/prepare.py`` output)
     batch:      micro-batch per rank and global batch (gradient accumulation follows)
     optim:      AdamW hyper-parameters and gradient clipping
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from mixlora_ds.config import ConfigError, MixLoraConfig
 
 SCHEMA_VERSION = 1
 
@@ -264,8 +266,8 @@ class ParallelSection:
 @dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    adapter: dict[str, Any] = field(default_factory=dict)
-    """Fields of ``mixlora_ds.MixLoraConfig`` (validated there)."""
+    adapter: MixLoraConfig = field(default_factory=MixLoraConfig)
+    """The adapter; its fields check themselves, by the adapter format's rules (``MixLoraConfig``)."""
     data: DataSection = field(default_factory=DataSection)
     batch: BatchSection = field(default_factory=BatchSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -482,6 +484,10 @@ def _coerce(value: Any, tp: Any, key: str, where: Origins) -> Any:
         if not isinstance(value, dict):
             raise bad
         return dict(value)
+    if tp is MixLoraConfig:
+        if not isinstance(value, dict):
+            raise bad
+        return _build_adapter(value, key, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
@@ -508,6 +514,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: Origins, **not_s
     except FieldError as e:
         dotted = f"{prefix}.{e.field}" if prefix else e.field
         raise TrainConfigError(f"{where(dotted)}: '{dotted}' {e.problem}", key=dotted) from None
+
+
+def _build_adapter(data: dict[str, Any], key: str, where: Origins) -> MixLoraConfig:
+    """The adapter section: ``MixLoraConfig`` checks its fields itself, by the adapter format's rules
+    (which accept more than the annotations say, e.g. legacy ``{name: bool}`` target modules)."""
+    try:
+        return MixLoraConfig(**data)
+    except ConfigError as e:
+        dotted = f"{key}.{e.field}" if e.field else key
+        raise TrainConfigError(f"{where(dotted)}: {e}", key=dotted) from None
+    except TypeError as e:  # an unknown field
+        raise TrainConfigError(f"{where(key)}: {key}: {e}", key=key) from None
 
 
 # --------------------------------------------------------------------------------------- loading

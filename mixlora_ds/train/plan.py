@@ -111,7 +111,7 @@ def check_expert_parallel(cfg: TrainConfig, adapter_config, world_size: int, sta
 
 
 def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> RunPlan:
-    from mixlora_ds.train.build import adapter_config_for, check_adapter_targets, hf_config_for
+    from mixlora_ds.train.build import check_adapter_targets, hf_config_for
     from mixlora_ds.train.schedule import warmup_steps_for
 
     device = device or accelerator_name()
@@ -121,7 +121,7 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
         raise cfg.error("model.attn_implementation", "flash attention needs a GPU; use sdpa on CPU")
 
     precision = resolve_precision(cfg, device)
-    adapter_config = adapter_config_for(cfg)
+    adapter_config = cfg.adapter
     hf_config = hf_config_for(cfg)
     check_adapter_targets(cfg, hf_config, adapter_config)
     ds_config = resolve_ds_config(cfg, world_size, getattr(hf_config, "hidden_size", None), device)
