@@ -62,7 +62,7 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         self.stop.install(watch_launcher=self.watch_launcher)
         self.start = self._decide_start()  # before the model is built: a refused start costs nothing
-        built = build_model(cfg, plan.ds_config, plan.precision, plan.stage)
+        built = build_model(plan)
         self.built = built
         total, trainable = count_parameters(built.model)
         log.info("model: %s parameters, %s trainable (%.3f%%), ZeRO stage %d, %s, world %d, grad accum %d",
@@ -100,9 +100,9 @@ class Trainer:
                                f"the sampler must give every rank the same count")
 
         self.task_names = _task_names(plan.manifest)
-        self.is_moe = built.adapter_config.peft_type == "MIXLORA"
+        self.is_moe = cfg.adapter.peft_type == "MIXLORA"
         n_layers = getattr(plan.hf_config, "num_hidden_layers", 0) if self.is_moe else 0
-        n_experts = built.adapter_config.num_experts if self.is_moe else 0
+        n_experts = cfg.adapter.num_experts if self.is_moe else 0
         self.interval_shape = (len(self.task_names), n_layers, n_experts)
         seq = plan.seq_len or 0
         self.flops_per_token = flop_per_token(self.model, plan.hf_config, seq)
@@ -323,7 +323,7 @@ class Trainer:
         if self.is_moe and nl:
             load = counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
             entropy = ent / max(routed, 1.0)
-            switch = self.built.adapter_config.routing_strategy == "mixlora-switch"
+            switch = self.cfg.adapter.routing_strategy == "mixlora-switch"
             every = self.cfg.logging.heatmap_every_steps
             heat = every > 0 and any(s % every == 0 for s in iv.steps)
             self.monitor.moe(last, load, entropy, dropped if switch else None, heat)
@@ -436,7 +436,7 @@ class Trainer:
     def export(self) -> None:
         from mixlora_ds.train.export import export_adapter
 
-        result = export_adapter(self.model, self.built.adapter_config, self.plan.hf_config, self.cfg.export_dir,
+        result = export_adapter(self.model, self.cfg.adapter, self.plan.hf_config, self.cfg.export_dir,
                                 self.built.expert_parallel)
         if dist.is_main():
             self.monitor.line(f"adapter exported to {self.cfg.export_dir}: {result['tensors']} tensors, "
