@@ -99,13 +99,12 @@ class Trainer:
             raise RuntimeError(f"ranks see different numbers of micro-batches per epoch ({lo}..{hi}); "
                                f"the sampler must give every rank the same count")
 
-        self.task_names = _task_names(plan.manifest)
+        self.task_names = plan.task_names
         self.is_moe = cfg.adapter.peft_type == "MIXLORA"
         n_layers = getattr(plan.hf_config, "num_hidden_layers", 0) if self.is_moe else 0
         n_experts = cfg.adapter.num_experts if self.is_moe else 0
         self.interval_shape = (len(self.task_names), n_layers, n_experts)
-        seq = plan.seq_len or 0
-        self.flops_per_token = flop_per_token(self.model, plan.hf_config, seq)
+        self.flops_per_token = flop_per_token(self.model, plan.hf_config, plan.seq_len)
         self.compute_dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
 
         self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, self.start.run_id)
@@ -499,17 +498,6 @@ class Trainer:
             atomic_write_text(self.complete_marker, json.dumps({"step": self.step, "adapter": self.cfg.export_dir}) + "\n")
         self.monitor.close()
         return 0
-
-
-def _task_names(manifest: dict[str, Any]) -> list[str]:
-    tasks = manifest.get("tasks") or manifest.get("task_names") or []
-    if isinstance(tasks, dict):
-        # {name: id} or {name: {...,"id": n}}
-        def tid(item):
-            v = item[1]
-            return v if isinstance(v, int) else v.get("id", 0) if isinstance(v, dict) else 0
-        return [name for name, _ in sorted(tasks.items(), key=tid)]
-    return [t if isinstance(t, str) else t.get("name", str(i)) for i, t in enumerate(tasks)]
 
 
 def train(plan: RunPlan, resume: str | None = None, overwrite: bool = False, watch_launcher: bool = False) -> int:

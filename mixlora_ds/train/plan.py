@@ -10,15 +10,16 @@ accumulation, total steps); ``build_model`` and the training loop take it as it 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from mixlora_ds.config import MixLoraConfig
+from mixlora_ds.data.errors import DataError
+from mixlora_ds.data.shards import read_manifest
 from mixlora_ds.train.base_model import check_adapter_targets, hf_config_for
-from mixlora_ds.train.config import TrainConfig, TrainConfigError
+from mixlora_ds.train.config import TrainConfig
 from mixlora_ds.train.ds_config import (engine_ds_config, resolve_ds_config, resolve_precision,
                                         shards_base_itself, zero_stage)
 from mixlora_ds.train.schedule import warmup_steps_for
@@ -57,12 +58,14 @@ class RunPlan(ModelPlan):
     """What DeepSpeed's engine gets (``ds_config.engine_ds_config``)."""
     grad_accum: int
     train_sequences: int
-    seq_len: int | None
+    seq_len: int
+    """Tokens per packed row of the training data."""
     micro_batches_per_epoch: int
     total_steps: int
     warmup_steps: int
     eval_dir: str | None
-    manifest: dict[str, Any]
+    task_names: list[str]
+    """The training data's tasks, in task-id order."""
 
 
 def accelerator_name() -> str:
@@ -98,10 +101,10 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
     return RunPlan(
         cfg=cfg, hf_config=hf_config, precision=precision, stage=stage, ds_config=ds_config,
         shards_base=shards_base, world_size=world_size, device=device, engine_ds_config=engine_config,
-        grad_accum=grad_accum, train_sequences=n_train, seq_len=manifest.get("seq_len") or manifest.get("max_seq_len"),
+        grad_accum=grad_accum, train_sequences=n_train, seq_len=manifest["seq_len"],
         micro_batches_per_epoch=mb_per_epoch, total_steps=total,
         warmup_steps=warmup_steps_for(cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio, total),
-        eval_dir=held_out[1] if held_out is not None else None, manifest=manifest)
+        eval_dir=held_out[1] if held_out is not None else None, task_names=list(manifest["tasks"]))
 
 
 # ------------------------------------------------------------------------------- the device and ZeRO
@@ -188,18 +191,13 @@ def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int, grad_accum: int)
 
 
 def _read_manifest(cfg: TrainConfig, key: str, path: str) -> dict[str, Any]:
-    manifest = os.path.join(path, "manifest.json")
+    """The manifest prepare wrote in ``path`` (``data.shards.read_manifest``), errors placed at ``key``."""
     if not os.path.isdir(path):
-        raise TrainConfigError(f"{cfg.where(key)}: {key}={path!r}: data directory not found "
-                               f"(prepare it with data_prep/prepare.py)")
-    if not os.path.isfile(manifest):
-        raise TrainConfigError(f"{cfg.where(key)}: {key}={path!r} has no manifest.json: not a prepared "
-                               f"data directory")
+        raise cfg.error(key, f"{key}={path!r}: data directory not found (prepare it with data_prep/prepare.py)")
     try:
-        with open(manifest, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise TrainConfigError(f"{manifest}:{e.lineno}: invalid JSON: {e.msg}") from None
+        return read_manifest(path)
+    except DataError as e:
+        raise cfg.error(key, f"{key}: {e}") from None
 
 
 def _split_len(cfg: TrainConfig, key: str, data_dir: str, split: str) -> int:
