@@ -56,38 +56,67 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from mixlora_ds.train.build import build_model, count_parameters, start_engine
-        from mixlora_ds.train.schedule import build_scheduler
-
-        cfg, plan = self.cfg, self.plan
+        """Everything before the first step; collectives in the same order on every rank."""
         self.stop.install(watch_launcher=self.watch_launcher)
         self.start = self._decide_start()  # before the model is built: a refused start costs nothing
-        built = build_model(plan)
-        self.built = built
-        total, trainable = count_parameters(built.model)
+        self._build()
+        self._seed_this_rank()
+        self._open_training_data()
+        self._size_statistics()
+        self.ckpt = CheckpointManager(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last, self.start.run_id)
+        self.engine_stage = zero_stage(self.plan.engine_ds_config)  # decides the checkpoint's file layout
+        self.run_config_yaml = dump_config(self.cfg)
+        self.step = self._resume()
+        self._prepare_output_dir()
+        # TensorBoard drops what earlier writers of this run logged after the step it starts from.
+        self.monitor = Monitor(self.cfg.tensorboard_dir, dist.is_main(), self.plan.total_steps,
+                               self.cfg.logging.progress_bar, start_step=self.step, purge_step=self.step + 1)
+
+    def _build(self) -> None:
+        """The model, its DeepSpeed engine (with the lr schedule) and, under expert parallelism, the
+        optimizer of this rank's experts."""
+        from mixlora_ds.train.build import build_model, start_engine
+        from mixlora_ds.train.schedule import build_scheduler
+
+        plan, schedule = self.plan, self.cfg.schedule
+        self.built = build_model(plan)
+        self._log_model()
+
+        def scheduler(optimizer):
+            return build_scheduler(optimizer, schedule.type, plan.warmup_steps, plan.total_steps,
+                                   schedule.min_lr_ratio)
+
+        self.engine = start_engine(self.built, plan.engine_ds_config, scheduler)
+        self.model = self.engine.module
+        self.experts = self._expert_optimizer(self.built)
+
+    def _log_model(self) -> None:
+        from mixlora_ds.train.build import count_parameters
+
+        plan, sharded = self.plan, self.built.sharded_base
+        total, trainable = count_parameters(self.built.model)
         log.info("model: %s parameters, %s trainable (%.3f%%), ZeRO stage %d, %s, world %d, grad accum %d",
                  f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1), plan.stage, plan.precision,
                  self.world, plan.grad_accum)
-        if built.sharded_base is not None:
-            held, full = built.sharded_base.held_numel()
-            how = "copy engine" if built.sharded_base.transport == "copy_engine" else "all-gather"
+        if sharded is not None:
+            held, full = sharded.held_numel()
+            how = "copy engine" if sharded.transport == "copy_engine" else "all-gather"
             log.info("ZeRO-3 by mixlora_ds: frozen base sharded per decoder layer, this rank's shards hold %s "
                      "of %s elements, gathered by %s; DeepSpeed runs stage 2 for the adapter",
                      f"{held:,}", f"{full:,}", how)
 
-        def scheduler(optimizer):
-            return build_scheduler(optimizer, cfg.schedule.type, plan.warmup_steps, plan.total_steps,
-                                   cfg.schedule.min_lr_ratio)
-
-        self.engine = start_engine(built, plan.engine_ds_config, scheduler)
-        self.model = self.engine.module
-        self.experts = self._expert_optimizer(built)
+    def _seed_this_rank(self) -> None:
         # Dropout masks differ between ranks (like different GPUs would); resume restores them.
-        torch.manual_seed(cfg.seed * 1000 + self.rank)
-        random.seed(cfg.seed * 1000 + self.rank)
-        np.random.seed((cfg.seed * 1000 + self.rank) % 2**32)
+        seed = self.cfg.seed * 1000 + self.rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
 
+    def _open_training_data(self) -> None:
+        """This rank's stream of micro-batches, and how they are fed to the model."""
+        cfg = self.cfg
         self.dense_mask = not cfg.model.attn_implementation.startswith("flash")
+        self.compute_dtype = torch.bfloat16 if self.plan.precision == "bf16" else torch.float32
         self.train_stream = BatchStream(cfg.data.train_dir, cfg.data.train_split, cfg.batch.micro_batch_size,
                                         cfg.seed, cfg.data.shuffle, cfg.data.drop_last, self.rank, self.world,
                                         self.dense_mask)
@@ -99,57 +128,67 @@ class Trainer:
             raise RuntimeError(f"ranks see different numbers of micro-batches per epoch ({lo}..{hi}); "
                                f"the sampler must give every rank the same count")
 
+    def _size_statistics(self) -> None:
+        """What an interval's statistics hold (tasks, layers x experts), and the FLOPs behind MFU."""
+        plan, adapter = self.plan, self.cfg.adapter
         self.task_names = plan.task_names
-        self.is_moe = cfg.adapter.peft_type == "MIXLORA"
+        self.is_moe = adapter.peft_type == "MIXLORA"
         n_layers = getattr(plan.hf_config, "num_hidden_layers", 0) if self.is_moe else 0
-        n_experts = cfg.adapter.num_experts if self.is_moe else 0
+        n_experts = adapter.num_experts if self.is_moe else 0
         self.interval_shape = (len(self.task_names), n_layers, n_experts)
         self.flops_per_token = flop_per_token(self.model, plan.hf_config, plan.seq_len)
-        self.compute_dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
 
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, self.start.run_id)
-        self.engine_stage = zero_stage(plan.engine_ds_config)  # decides the checkpoint's file layout
-        self.run_config_yaml = dump_config(cfg)
-        self.step = 0
+    def _resume(self) -> int:
+        """Load the checkpoint this start continues from, if any; the step training goes on from."""
         info = self.start.resume
-        if info is not None:
-            self._check_saved_expert_parallel(info)
-            state = self.ckpt.load(self.engine, info, self.engine_stage)
-            if self.experts is not None:
-                from mixlora_ds.train.expert_checkpoint import load_experts
+        if info is None:
+            if self.resume_spec == "auto":
+                log.info("--resume auto: no complete checkpoint under %s, starting fresh", self.cfg.checkpoint_dir)
+            return 0
+        self._check_saved_expert_parallel(info)
+        state = self.ckpt.load(self.engine, info, self.engine_stage)
+        if self.experts is not None:
+            from mixlora_ds.train.expert_checkpoint import load_experts
 
-                load_experts(info.path, built.expert_parallel, self.experts)
-            self.step = state["step"]
-            self.train_stream.load_state_dict(state["data"])
-            log.info("resumed from %s at step %d", info.path, self.step)
-        elif self.resume_spec == "auto":
-            log.info("--resume auto: no complete checkpoint under %s, starting fresh", cfg.checkpoint_dir)
-        self.complete_marker = os.path.join(cfg.output_dir, TRAIN_COMPLETE)
-        self.stopped_marker = os.path.join(cfg.output_dir, TRAIN_STOPPED)
-        self.metrics_path = os.path.join(cfg.output_dir, METRICS)
-        if dist.is_main():
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            for marker in (self.complete_marker, self.stopped_marker):
-                if os.path.exists(marker):
-                    os.remove(marker)
-            write_run_record(cfg.output_dir, self.start.run_id, cfg.run_name)
-            dropped = truncate_metrics(self.metrics_path, self.step)
-            if dropped:
-                log.info("%s: dropped %d rows logged after step %d (the run continues from there)",
-                         self.metrics_path, dropped, self.step)
-            from mixlora_ds.utils.atomic import atomic_write_text
+            load_experts(info.path, self.built.expert_parallel, self.experts)
+        self.train_stream.load_state_dict(state["data"])
+        log.info("resumed from %s at step %d", info.path, state["step"])
+        return state["step"]
 
-            atomic_write_text(os.path.join(cfg.output_dir, "run_config.yaml"), self.run_config_yaml)
-            atomic_write_text(os.path.join(cfg.output_dir, "ds_config.json"), json.dumps(plan.ds_config, indent=2) + "\n")
-            log.info("resolved run config:\n%s", self.run_config_yaml)
-            log.info("resolved DeepSpeed config: %s", json.dumps(plan.ds_config, sort_keys=True))
-            if plan.shards_base:
-                atomic_write_text(os.path.join(cfg.output_dir, "ds_engine_config.json"),
-                                  json.dumps(plan.engine_ds_config, indent=2) + "\n")
-                log.info("DeepSpeed engine config: %s", json.dumps(plan.engine_ds_config, sort_keys=True))
-        # TensorBoard drops what earlier writers of this run logged after the step it starts from.
-        self.monitor = Monitor(cfg.tensorboard_dir, dist.is_main(), plan.total_steps,
-                               cfg.logging.progress_bar, start_step=self.step, purge_step=self.step + 1)
+    def _prepare_output_dir(self) -> None:
+        """Rank 0: this run's record, the end markers of an earlier start removed, metrics cut back to
+        the step this one starts from, and the resolved configs written."""
+        out = self.cfg.output_dir
+        self.complete_marker = os.path.join(out, TRAIN_COMPLETE)
+        self.stopped_marker = os.path.join(out, TRAIN_STOPPED)
+        self.metrics_path = os.path.join(out, METRICS)
+        if not dist.is_main():
+            return
+        os.makedirs(out, exist_ok=True)
+        for marker in (self.complete_marker, self.stopped_marker):
+            if os.path.exists(marker):
+                os.remove(marker)
+        write_run_record(out, self.start.run_id, self.cfg.run_name)
+        dropped = truncate_metrics(self.metrics_path, self.step)
+        if dropped:
+            log.info("%s: dropped %d rows logged after step %d (the run continues from there)",
+                     self.metrics_path, dropped, self.step)
+        self._write_resolved_configs()
+
+    def _write_resolved_configs(self) -> None:
+        """The resolved run and DeepSpeed configs go to files; the log names them and shows the values
+        people look for."""
+        from mixlora_ds.utils.atomic import atomic_write_text
+
+        plan = self.plan
+        files = {"run_config.yaml": self.run_config_yaml, "ds_config.json": json.dumps(plan.ds_config, indent=2) + "\n"}
+        if plan.shards_base:
+            files["ds_engine_config.json"] = json.dumps(plan.engine_ds_config, indent=2) + "\n"
+        paths = [os.path.join(self.cfg.output_dir, name) for name in files]
+        for path, text in zip(paths, files.values()):
+            atomic_write_text(path, text)
+        log.info("resolved configs: %s", ", ".join(paths))
+        log.info("run: %s", plan.summary())
 
     def _decide_start(self) -> RunStart:
         """Rank 0 decides which run this is and where it starts; every rank gets the same answer."""

@@ -67,6 +67,20 @@ class RunPlan(ModelPlan):
     task_names: list[str]
     """The training data's tasks, in task-id order."""
 
+    def summary(self) -> str:
+        """The values people look for in a training log, on one line (the whole resolved config is
+        in the run directory: run_config.yaml, ds_config.json)."""
+        cfg, adapter = self.cfg, self.cfg.adapter
+        model = cfg.model.name_or_path or f"random {self.hf_config.model_type} weights"
+        kind = f"{adapter.peft_type}{' (DoRA)' if adapter.use_dora else ''} r {adapter.r}"
+        if adapter.is_mixlora:
+            routing = {"mixlora": f"top-k {adapter.top_k}", "mixlora-dynamic": f"top-p {adapter.top_p}",
+                       "mixlora-switch": "switch"}[adapter.routing_strategy]
+            kind += f", {adapter.num_experts} experts, {routing}"
+        return (f"model {model}; adapter {kind}; world {self.world_size}, ZeRO stage {self.stage}, {self.precision}; "
+                f"batch {cfg.batch.micro_batch_size} per rank, {cfg.batch.global_batch_size} per step, "
+                f"grad accum {self.grad_accum}; lr {cfg.optim.lr:g}, {self.total_steps} steps")
+
 
 def accelerator_name() -> str:
     from deepspeed.accelerator import get_accelerator
