@@ -31,7 +31,7 @@ from mixlora_ds.train.checkpoint import CheckpointError, CheckpointManager
 from mixlora_ds.train.config import TrainConfig, dump_config
 from mixlora_ds.train.ds_config import zero_stage
 from mixlora_ds.train.gc_schedule import ScheduledGC
-from mixlora_ds.train.metrics import Interval, flop_per_token
+from mixlora_ds.train.metrics import Interval, all_reduce_sums, flop_per_token
 from mixlora_ds.train.monitor import Monitor, peak_memory_gb
 from mixlora_ds.train.plan import RunPlan
 from mixlora_ds.train.run_dir import (METRICS, TRAIN_COMPLETE, TRAIN_STOPPED, RunStart, decide_start,
@@ -309,44 +309,56 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- logging
     def flush_interval(self, iv: Interval) -> None:
-        """One all-reduce of every local statistic, then rank 0 writes scalars and the console line."""
+        """One all-reduce of every local statistic, then rank 0 writes scalars, metric rows and the
+        console line."""
         if not iv.steps:
             return
-        n = len(iv.steps)
-        flat = torch.cat([
-            torch.stack(iv.ce), torch.stack(iv.aux), torch.stack([iv.real_tokens, iv.positions]),
-            iv.task_ce, iv.task_tokens, iv.counts_LE.flatten(), iv.entropy_L, iv.routed_tokens.view(1), iv.dropped_L,
-        ])
-        t = dist.all_reduce_(flat).cpu().numpy()
-        _raise_if_diverged(t[:n], iv)
-        ep_scalars = self._expert_parallel_scalars(n, max(time.time() - iv.t0, 1e-9))
+        sums = all_reduce_sums(iv.local_sums())
+        _raise_if_diverged(sums["ce"], iv)
+        ep_scalars = self._expert_parallel_scalars(len(iv.steps), max(time.time() - iv.t0, 1e-9))
         if not dist.is_main():
             return
-        tokens = [float(x) for x in iv.tokens]
-        grad_norm = _grad_norms(iv)
-        o = 0
-        ce = t[o:o + n]; o += n
-        aux = t[o:o + n]; o += n
-        real_tokens, positions = t[o], t[o + 1]; o += 2
-        nt, nl, ne = self.interval_shape
-        task_ce = t[o:o + nt]; o += nt
-        task_tok = t[o:o + nt]; o += nt
-        counts = t[o:o + nl * ne].reshape(nl, ne); o += nl * ne
-        ent = t[o:o + nl]; o += nl
-        routed = t[o]; o += 1
-        dropped = t[o:o + nl]; o += nl
+        rows = self._step_rows(iv, sums)
+        scalars = self._interval_scalars(iv, sums, rows, ep_scalars)
+        self.monitor.scalars(self.step, scalars)
+        if self.is_moe and iv.n_layers:
+            self._routing_scalars(iv, sums)
+        self.monitor.flush()
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        grad_norm = np.nanmean([row["grad_norm"] for row in rows])
+        self.monitor.line(
+            f"step {self.step}/{self.plan.total_steps} | loss {scalars['train/loss']:.4f} "
+            f"ce {scalars['train/ce_loss']:.4f} aux {scalars['train/aux_loss']:.5f} | lr {scalars['train/lr']:.2e} | "
+            f"gnorm {grad_norm:.3f} | {scalars['perf/tokens_per_s']:,.0f} tok/s | "
+            f"{scalars['perf/tflops']:.3f} TFLOP/s/dev | mem {scalars['perf/peak_mem_gb']:.2f} GB"
+        )
 
+    def _step_rows(self, iv: Interval, sums: dict[str, Any]) -> list[dict[str, float]]:
+        """metrics.jsonl's rows for the interval's steps: CE per answer token of the global batch, aux
+        loss per forward, their sum, lr, global gradient norm and answer tokens."""
         forwards = self.world * self.plan.grad_accum
+        rows = []
+        for step, ce_sum, aux_sum, tokens, lr, grad_norm in zip(iv.steps, sums["ce"], sums["aux"], iv.tokens,
+                                                                iv.lr, _grad_norms(iv)):
+            tokens = float(tokens)
+            ce, aux = ce_sum / max(tokens, 1.0), aux_sum / forwards
+            rows.append({"step": step, "loss": ce + aux, "ce_loss": ce, "aux_loss": aux, "lr": lr,
+                         "grad_norm": grad_norm, "tokens": tokens})
+        return rows
+
+    def _interval_scalars(self, iv: Interval, sums: dict[str, Any], rows: list[dict[str, float]],
+                          ep_scalars: dict[str, float]) -> dict[str, float | None]:
+        """The interval's TensorBoard scalars: step means, throughput, memory, expert parallelism, MFU,
+        per-task losses."""
         elapsed = max(time.time() - iv.t0, 1e-9)
-        step_ce = [c / max(tok, 1.0) for c, tok in zip(ce, tokens)]
-        step_aux = [a / forwards for a in aux]
-        step_loss = [c + a for c, a in zip(step_ce, step_aux)]
-        tps = real_tokens / elapsed
-        tflops = self.flops_per_token * positions / elapsed / self.world / 1e12
-        last = self.step
+        tps = sums["real_tokens"] / elapsed
+        tflops = self.flops_per_token * sums["positions"] / elapsed / self.world / 1e12
+        grad_norm = [row["grad_norm"] for row in rows]
         scalars = {
-            "train/loss": float(np.mean(step_loss)), "train/ce_loss": float(np.mean(step_ce)),
-            "train/aux_loss": float(np.mean(step_aux)), "train/lr": iv.lr[-1],
+            "train/loss": float(np.mean([row["loss"] for row in rows])),
+            "train/ce_loss": float(np.mean([row["ce_loss"] for row in rows])),
+            "train/aux_loss": float(np.mean([row["aux_loss"] for row in rows])), "train/lr": iv.lr[-1],
             "train/grad_norm": float(np.nanmean(grad_norm)) if not all(map(math.isnan, grad_norm)) else None,
             "perf/tokens_per_s": tps, "perf/tokens_per_s_per_device": tps / self.world, "perf/tflops": tflops,
             "perf/peak_mem_gb": peak_memory_gb(),
@@ -354,27 +366,21 @@ class Trainer:
         scalars.update(ep_scalars)
         if self.cfg.logging.peak_tflops:
             scalars["perf/mfu"] = tflops / self.cfg.logging.peak_tflops
-        for i, name in enumerate(self.task_names):
-            if task_tok[i] > 0:
-                scalars[f"train/task_loss/{name}"] = task_ce[i] / task_tok[i]
-        self.monitor.scalars(last, scalars)
-        if self.is_moe and nl:
-            load = counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
-            entropy = ent / max(routed, 1.0)
-            switch = self.cfg.adapter.routing_strategy == "mixlora-switch"
-            every = self.cfg.logging.heatmap_every_steps
-            heat = every > 0 and any(s % every == 0 for s in iv.steps)
-            self.monitor.moe(last, load, entropy, dropped if switch else None, heat)
-        self.monitor.flush()
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            for i, s in enumerate(iv.steps):
-                f.write(json.dumps({"step": s, "loss": step_loss[i], "ce_loss": step_ce[i], "aux_loss": step_aux[i],
-                                    "lr": iv.lr[i], "grad_norm": grad_norm[i], "tokens": tokens[i]}) + "\n")
-        self.monitor.line(
-            f"step {last}/{self.plan.total_steps} | loss {scalars['train/loss']:.4f} ce {scalars['train/ce_loss']:.4f} "
-            f"aux {scalars['train/aux_loss']:.5f} | lr {iv.lr[-1]:.2e} | gnorm {np.nanmean(grad_norm):.3f} | "
-            f"{tps:,.0f} tok/s | {tflops:.3f} TFLOP/s/dev | mem {scalars['perf/peak_mem_gb']:.2f} GB"
-        )
+        for name, task_ce, task_tokens in zip(self.task_names, sums["task_ce"], sums["task_tokens"]):
+            if task_tokens > 0:
+                scalars[f"train/task_loss/{name}"] = task_ce / task_tokens
+        return scalars
+
+    def _routing_scalars(self, iv: Interval, sums: dict[str, Any]) -> None:
+        """Per layer: expert load, router entropy and (switch routing) tokens dropped; the load heatmap
+        when the interval holds one of its steps."""
+        counts_LE = sums["counts_LE"]
+        load_LE = counts_LE / np.maximum(counts_LE.sum(-1, keepdims=True), 1.0)
+        entropy_L = sums["entropy_L"] / max(sums["routed_tokens"], 1.0)
+        switch = self.cfg.adapter.routing_strategy == "mixlora-switch"
+        every = self.cfg.logging.heatmap_every_steps
+        heat = every > 0 and any(s % every == 0 for s in iv.steps)
+        self.monitor.moe(self.step, load_LE, entropy_L, sums["dropped_L"] if switch else None, heat)
 
     def _expert_parallel_scalars(self, steps: int, elapsed: float) -> dict[str, float]:
         """Collective under expert parallelism: per interval step, rows received by each EP rank (over
