@@ -56,6 +56,7 @@ def build_model(plan: ModelPlan) -> BuiltModel:
     from transformers.integrations import HfDeepSpeedConfig
 
     from mixlora_ds import inject_mixlora
+    from mixlora_ds.model.inject import decoder_layers
 
     cfg = plan.cfg
     dtype = _DTYPES[plan.precision]
@@ -69,10 +70,11 @@ def build_model(plan: ModelPlan) -> BuiltModel:
     # random): reseed so every rank and a single-process run draw the same adapter.
     torch.manual_seed(cfg.seed)
     inject_mixlora(model, cfg.adapter)
+    layers = decoder_layers(model)
     expert_parallel = _share_out_experts(model, cfg)
     trainable = _trainable_parameters(model, base_ids)
     if plan.stage == 3 and not plan.shards_base:
-        _set_zero3_leaves(model, cfg)
+        _set_zero3_leaves(model, type(layers[0]), cfg)
     # With a frozen base the embeddings' output does not require grad; a leaf module's (and
     # checkpointing's) backward hooks then never fire unless the input does.
     model.enable_input_require_grads()
@@ -80,10 +82,13 @@ def build_model(plan: ModelPlan) -> BuiltModel:
         enable_checkpointing(model)
     sharded = None
     if plan.shards_base:
-        sharded = shard_frozen_base_of(cfg, model, dtype)
+        sharded = shard_frozen_base_of(cfg, model, layers, dtype)
         hf_ds = None  # construction is over: later from_config calls must not enter zero.Init
     if cfg.model.compile:
-        _compile_layers(model)
+        for layer in layers:
+            # The forward only: module hooks (the sharded base's) stay outside the graph. Identical
+            # layers share one compiled graph.
+            layer.forward = torch.compile(layer.forward)
     return BuiltModel(model, trainable, hf_ds, sharded, expert_parallel)
 
 
@@ -126,11 +131,10 @@ def _trainable_parameters(model: nn.Module, base_ids: set[int]) -> list[tuple[st
     return trainable
 
 
-def _set_zero3_leaves(model: nn.Module, cfg: TrainConfig) -> None:
+def _set_zero3_leaves(model: nn.Module, layer_type: type[nn.Module], cfg: TrainConfig) -> None:
     """Mark the modules DeepSpeed's stage-3 engine gathers whole (on entry) instead of module by module."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    from mixlora_ds.model.inject import decoder_layers
     from mixlora_ds.model.lora import LoraLinear
     from mixlora_ds.model.moe import MixLoraMoeBlock
 
@@ -145,32 +149,22 @@ def _set_zero3_leaves(model: nn.Module, cfg: TrainConfig) -> None:
         leaves.append((LoraLinear, False))
     if cfg.deepspeed.zero3_gather == "layer":
         # One gather per decoder layer instead of one per Linear: far fewer, larger collectives.
-        leaves.append((type(decoder_layers(model)[0]), True))
+        leaves.append((layer_type, True))
     for leaf, required in leaves:
         set_z3_leaf_modules(model, [leaf], raise_if_not_found=required)
 
 
-def _compile_layers(model: nn.Module) -> None:
-    from mixlora_ds.model.inject import decoder_layers
-
-    for layer in decoder_layers(model):
-        # The forward only: module hooks (the sharded base's) stay outside the graph. Identical
-        # layers share one compiled graph.
-        layer.forward = torch.compile(layer.forward)
-
-
-def shard_frozen_base_of(cfg: TrainConfig, model: nn.Module, dtype: torch.dtype):
+def shard_frozen_base_of(cfg: TrainConfig, model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype):
     """Re-shard the (zero.Init-partitioned) frozen base per decoder layer over all ranks, in the run's
     dtype, gathered as ``deepspeed.zero3_gather_transport`` says, ``deepspeed.zero3_prefetch_layers``
     ahead. NCCL gathers run on a process group of their own (with the run's collective timeout), so
     they never queue behind DeepSpeed's gradient reductions."""
     from mixlora_ds import dist
-    from mixlora_ds.model.inject import decoder_layers
     from mixlora_ds.parallel.frozen_base import shard_frozen_base
 
     group = dist.new_group(cfg.deepspeed.timeout_minutes)
-    return shard_frozen_base(model, decoder_layers(model), group, dtype, _gather_transport(cfg, group),
-                             cfg.deepspeed.zero3_prefetch_layers)
+    transport = _gather_transport(cfg, group)
+    return shard_frozen_base(model, layers, group, dtype, transport, cfg.deepspeed.zero3_prefetch_layers)
 
 
 def _gather_transport(cfg: TrainConfig, group) -> str:

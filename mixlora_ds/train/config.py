@@ -53,20 +53,20 @@ class FieldError(ValueError):
     field but neither its section's dotted name nor where it was written: the loader adds both and
     raises a ``TrainConfigError``."""
 
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"'{field}' {problem}")
-        self.field = field
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"'{name}' {problem}")
+        self.field = name
         self.problem = problem
 
 
-def _require(ok: bool, field: str, problem: str) -> None:
+def _require(ok: bool, name: str, problem: str) -> None:
     if not ok:
-        raise FieldError(field, problem)
+        raise FieldError(name, problem)
 
 
-def _require_positive(field: str, value: float, allow_zero: bool = False) -> None:
+def _require_positive(name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
-        raise FieldError(field, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        raise FieldError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 # ------------------------------------------------------------------------------------------ sections
