@@ -139,7 +139,7 @@ def _set_zero3_leaves(model: nn.Module, layer_type: type[nn.Module], cfg: TrainC
     from mixlora_ds.model.moe import MixLoraMoeBlock
 
     leaves = []  # (module type, whether the model must have one)
-    if cfg.adapter.peft_type == "MIXLORA":
+    if cfg.adapter.is_mixlora:
         # Experts receive different tokens on different ranks; as a leaf, the whole block's
         # parameters are gathered on entry, so every rank issues the same collectives.
         leaves.append((MixLoraMoeBlock, True))

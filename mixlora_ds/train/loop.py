@@ -132,7 +132,7 @@ class Trainer:
         """What an interval's statistics hold (tasks, layers x experts), and the FLOPs behind MFU."""
         plan, adapter = self.plan, self.cfg.adapter
         self.task_names = plan.task_names
-        self.is_moe = adapter.peft_type == "MIXLORA"
+        self.is_moe = adapter.is_mixlora
         n_layers = getattr(plan.hf_config, "num_hidden_layers", 0) if self.is_moe else 0
         n_experts = adapter.num_experts if self.is_moe else 0
         self.interval_shape = (len(self.task_names), n_layers, n_experts)

@@ -107,6 +107,7 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
 
     manifest, n_train, mb_per_epoch = training_data(cfg, world_size)
     held_out = held_out_data(cfg, manifest)
+    eval_dir = held_out[1] if held_out is not None else None
     datasets = [("data.train_dir", cfg.data.train_dir, manifest, cfg.data.train_split)]
     if held_out is not None:
         datasets.append((*held_out, cfg.data.eval_split))
@@ -118,7 +119,7 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
         grad_accum=grad_accum, train_sequences=n_train, seq_len=manifest["seq_len"],
         micro_batches_per_epoch=mb_per_epoch, total_steps=total,
         warmup_steps=warmup_steps_for(cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio, total),
-        eval_dir=held_out[1] if held_out is not None else None, task_names=list(manifest["tasks"]))
+        eval_dir=eval_dir, task_names=list(manifest["tasks"]))
 
 
 # ------------------------------------------------------------------------------- the device and ZeRO
@@ -149,7 +150,7 @@ def check_expert_parallel(cfg: TrainConfig, world_size: int, stage: int, shards_
     adapter = cfg.adapter
     if ep == 1:
         return
-    if adapter.peft_type != "MIXLORA":
+    if not adapter.is_mixlora:
         raise cfg.error(key, f"{key}={ep} needs a MixLoRA adapter (experts to share out); adapter.peft_type is "
                              f"{adapter.peft_type}")
     if adapter.num_experts % ep:
