@@ -106,6 +106,7 @@ def case_ds_config(case: str) -> dict:
 
 
 def make_config(args, world: int):
+    from mixlora_ds import MixLoraConfig
     from mixlora_ds.train.config import TrainConfig, load_config
 
     cfg: TrainConfig = load_config(None)
@@ -113,7 +114,7 @@ def make_config(args, world: int):
     cfg.model.attn_implementation = args.attn
     cfg.model.gradient_checkpointing = args.checkpointing
     cfg.model.compile = args.compile
-    cfg.adapter = dict(ADAPTERS[args.adapter])
+    cfg.adapter = MixLoraConfig(**ADAPTERS[args.adapter])
     cfg.batch.micro_batch_size = args.micro
     cfg.batch.global_batch_size = args.micro * world
     cfg.optim.impl = "torch"
@@ -170,17 +171,21 @@ def run_case(args) -> dict:
     dist.init_distributed(10)
     device = dist.device()
     cfg = make_config(args, world)
-    from mixlora_ds.train.ds_config import engine_ds_config, resolve_ds_config, resolve_precision, zero_stage
+    from mixlora_ds.train.ds_config import (engine_ds_config, resolve_ds_config, resolve_precision,
+                                            shards_base_itself, zero_stage)
 
     precision = resolve_precision(cfg, device.type)
+    from mixlora_ds.train.base_model import hf_config_for
     from mixlora_ds.train.build import build_model, count_parameters, start_engine
+    from mixlora_ds.train.plan import ModelPlan
 
     torch.manual_seed(0)
     torch_only = args.case in ("plain", "ddp")
     if torch_only:
         ds_config, stage = None, 0
+        plan = ModelPlan(cfg, hf_config_for(cfg), precision, stage, {}, shards_base=False)
         with torch.device(device):  # random init straight on the device: 7B on CPU takes minutes
-            built = build_model(cfg, {}, precision, stage)
+            built = build_model(plan)
         model = built.model
         if args.case == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -197,11 +202,12 @@ def run_case(args) -> dict:
         stage = zero_stage(ds_config)
         if args.compile and stage == 3 and cfg.deepspeed.zero3_impl == "deepspeed":
             raise SystemExit("--compile (model.compile) does not work with DeepSpeed's stage-3 engine")
+        plan = ModelPlan(cfg, hf_config_for(cfg), precision, stage, ds_config, shards_base_itself(cfg, ds_config))
         if stage == 3:  # zero.Init places each shard on the device itself
-            built = build_model(cfg, ds_config, precision, stage)
+            built = build_model(plan)
         else:
             with torch.device(device):
-                built = build_model(cfg, ds_config, precision, stage)
+                built = build_model(plan)
         model = start_engine(built, engine_ds_config(cfg, ds_config))
     total, trainable = count_parameters(built.model)
     allocated_after_build = peak_mem_gb(current=True)

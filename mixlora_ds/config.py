@@ -34,7 +34,14 @@ _STRATEGY_DEFAULTS = {
 
 
 class ConfigError(ValueError):
-    """An invalid adapter configuration; the message names the offending field (and file)."""
+    """An invalid adapter configuration; the message names the offending field (and file).
+
+    ``field`` is that field's name (dotted inside ``expert_lora``), or None when the error is about
+    no single field (unknown or missing fields, a file that is not a JSON object)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -104,7 +111,7 @@ class MixLoraConfig:
     def validate(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:
             if not ok:
-                raise ConfigError(f"adapter config field '{name}': {message}")
+                raise ConfigError(f"adapter config field '{name}': {message}", field=name)
 
         need(self.peft_type in PEFT_TYPES, "peft_type", f"must be one of {PEFT_TYPES}, got {self.peft_type!r}")
         _check_lora_fields(need, "", self.r, self.lora_alpha, self.lora_dropout)
@@ -244,7 +251,7 @@ class MixLoraConfig:
         try:
             return cls(**kwargs)
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            raise ConfigError(f"{source}: {e}", field=e.field) from None
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write atomically: a temporary file renamed over the target."""

@@ -85,11 +85,11 @@ class ShardedFrozenBase:
     that gather them around their use. Build it with :func:`shard_frozen_base`."""
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], layer_units: list[Unit],
-                 outer: Unit | None, outer_modules: list[nn.Module], transport: str = "nccl"):
+                 outer: Unit | None, outer_modules: list[nn.Module], transport: str, prefetch_layers: int):
         self.layers = list(layers)
         self.units = layer_units
         self.outer = outer
-        self.prefetch_layers = 1
+        self.prefetch_layers = prefetch_layers
         """How many layers ahead gathers start (0: each layer waits for its own gather)."""
         self.in_backward = False
         self.transport = transport
@@ -270,7 +270,8 @@ def _forget_zero3(p: nn.Parameter) -> None:
 
 def shard_frozen_base(model: nn.Module, layers: Sequence[nn.Module], group: tdist.ProcessGroup | None = None,
                       dtype: torch.dtype | None = None,
-                      transport: Literal["nccl", "copy_engine"] = "nccl") -> ShardedFrozenBase:
+                      transport: Literal["nccl", "copy_engine"] = "nccl",
+                      prefetch_layers: int = 1) -> ShardedFrozenBase:
     """Shard every frozen parameter of ``model`` per decoder layer across ``group`` and install the
     hooks that gather them. Collective. The parameters may be whole (any model) or partitioned by
     ``deepspeed.zero.Init`` (one layer at a time is gathered to re-shard it, so no rank ever holds
@@ -292,7 +293,7 @@ def shard_frozen_base(model: nn.Module, layers: Sequence[nn.Module], group: tdis
     owned = {id(p) for p in outer_params}
     outer_modules = [m for m in model.modules()
                      if any(id(p) in owned for p in m.parameters(recurse=False))]
-    return ShardedFrozenBase(model, layers, layer_units, outer, outer_modules, transport)
+    return ShardedFrozenBase(model, layers, layer_units, outer, outer_modules, transport, prefetch_layers)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ A run file has these sections (every key is optional unless marked; see ``config
 
     run_name, output_dir, seed, precision, max_steps, gc_every_steps
     model:      where the frozen base comes from (a local Hugging Face dir, or a config with random weights)
-    adapter:    a MixLoRA config, or a LoRA/DoRA baseline (fields of ``mixlora_ds.MixLoraConfig``)
+    adapter:    a MixLoRA config, or a LoRA/DoRA baseline (a ``mixlora_ds.MixLoraConfig``)
     data:       prepared shard directories (``data_prep/prepare.py`` output)
     batch:      micro-batch per rank and global batch (gradient accumulation follows)
     optim:      AdamW hyper-parameters and gradient clipping
@@ -15,7 +15,10 @@ A run file has these sections (every key is optional unless marked; see ``config
     deepspeed:  DeepSpeed JSON path plus overrides, and who shards the frozen base under ZeRO-3
     parallel:   expert parallelism (MixLoRA experts shared out over ranks)
 
-Errors name the file and line (or the command-line flag) and the dotted key. Schema version 1.
+Each section checks its own fields when it is made (``__post_init__``, beside the fields), so a
+loaded config is a valid one; checks that need the world size, the data or the model are the run
+plan's (``mixlora_ds.train.plan``). Errors name the file and line (or the command-line flag) and the
+dotted key. Schema version 1.
 """
 
 from __future__ import annotations
@@ -30,11 +33,40 @@ from typing import Any, Literal
 
 import yaml
 
+from mixlora_ds.config import ConfigError, MixLoraConfig
+
 SCHEMA_VERSION = 1
 
 
 class TrainConfigError(ValueError):
-    """An invalid run configuration; the message names where (file:line or flag) and which key."""
+    """An invalid run configuration; the message names where (file:line or flag) and which key.
+
+    ``key`` is that dotted key, or None when the error is about no single key (the file itself)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class FieldError(ValueError):
+    """A section's field holds a value outside its range. A section's ``__post_init__`` knows the
+    field but neither its section's dotted name nor where it was written: the loader adds both and
+    raises a ``TrainConfigError``."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"'{name}' {problem}")
+        self.field = name
+        self.problem = problem
+
+
+def _require(ok: bool, name: str, problem: str) -> None:
+    if not ok:
+        raise FieldError(name, problem)
+
+
+def _require_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise FieldError(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -47,14 +79,14 @@ class ModelSection:
     or a path to a config.json. The base then gets random weights (seeded by ``seed``)."""
     tokenizer: str | None = None
     """Tokenizer directory; defaults to ``name_or_path``, else the one the data manifest names."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     """"sdpa" or "eager" use the block-diagonal packed mask; "flash_attention_2" uses position ids (varlen)."""
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing of every decoder layer."""
     compile: bool = False
-    """torch.compile every decoder layer's forward (one graph, reused by all layers). The step is bound
-    by host-side launch work without it: 1.6x the tokens/s of a 7B MixLoRA step on an H200
-    (BENCHMARKS.md). Any ZeRO stage, except ZeRO-3 with ``deepspeed.zero3_impl: deepspeed``, whose
+    """torch.compile every decoder layer's forward (one graph, reused by all layers). Without it the
+    step is bound by host-side launch work, which compiling removes (BENCHMARKS.md, "The host is the
+    bottleneck"). Any ZeRO stage, except ZeRO-3 with ``deepspeed.zero3_impl: deepspeed``, whose
     parameter hooks run inside the layers."""
     trust_remote_code: bool = False
 
@@ -82,6 +114,10 @@ class BatchSection:
     global_batch_size: int = 8
     """Packed sequences per optimizer step over all ranks: micro x accumulation x world size."""
 
+    def __post_init__(self) -> None:
+        _require_positive("micro_batch_size", self.micro_batch_size)
+        _require_positive("global_batch_size", self.global_batch_size)
+
 
 @dataclass
 class OptimSection:
@@ -97,6 +133,13 @@ class OptimSection:
     DeepSpeed FusedAdam (GPU). "cpu_adam": DeepSpeedCPUAdam for optimizer offload. The last two
     JIT-compile a kernel on first use."""
 
+    def __post_init__(self) -> None:
+        _require_positive("lr", self.lr)
+        _require_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _require_positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+                 "must be two numbers in [0, 1)")
+
 
 @dataclass
 class ScheduleSection:
@@ -108,6 +151,12 @@ class ScheduleSection:
     """Cosine / linear decay end at ``lr * min_lr_ratio``."""
     num_epochs: float = 1.0
     """Total length when ``max_steps`` is null."""
+
+    def __post_init__(self) -> None:
+        _require_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        _require_positive("num_epochs", self.num_epochs)
 
 
 @dataclass
@@ -124,6 +173,10 @@ class CheckpointSection:
     resume: str | None = None
     """"auto" (latest complete checkpoint, if any), a checkpoint directory, or null."""
 
+    def __post_init__(self) -> None:
+        _require_positive("every_steps", self.every_steps, allow_zero=True)
+        _require_positive("keep_last", self.keep_last)
+
 
 @dataclass
 class LoggingSection:
@@ -137,6 +190,11 @@ class LoggingSection:
     """Peak dense TFLOP/s of one device in the training precision; enables the MFU scalar."""
     progress_bar: bool = True
 
+    def __post_init__(self) -> None:
+        _require_positive("every_steps", self.every_steps)
+        if self.peak_tflops is not None:
+            _require_positive("peak_tflops", self.peak_tflops)
+
 
 @dataclass
 class EvalSection:
@@ -145,6 +203,9 @@ class EvalSection:
     max_batches: int | None = None
     """Per-rank cap on evaluation micro-batches; null = the whole held-out split."""
     at_end: bool = True
+
+    def __post_init__(self) -> None:
+        _require_positive("every_steps", self.every_steps, allow_zero=True)
 
 
 @dataclass
@@ -160,18 +221,19 @@ class DeepSpeedSection:
     decoder layer's frozen weights become one flat buffer split across ranks, gathered ahead of use
     (``zero3_gather_transport``, ``zero3_prefetch_layers``; ``mixlora_ds.parallel``); DeepSpeed's
     engine then runs stage 2 for the trainable adapter (its gradients and optimizer state
-    partitioned, the adapter itself replicated). Works with ``model.compile``: 7B MixLoRA on 2 / 4
-    H200s ran 3.6x / 4.4x the tokens/s of "deepspeed", which cannot compile the layers (with NCCL
-    gathers; BENCHMARKS.md). The stage-3-only keys of the DeepSpeed config are not used; parameter offload,
-    NVMe or partial optimizer offload and quantized weights or gradients are refused. "deepspeed":
+    partitioned, the adapter itself replicated). Its hooks sit outside the layers, so it works with
+    ``model.compile``, which "deepspeed" cannot have: the faster of the two (BENCHMARKS.md, "ZeRO-3
+    with the frozen base sharded by mixlora_ds"). The stage-3-only keys of the DeepSpeed config are
+    not used; parameter offload, NVMe or partial optimizer offload and quantized weights or gradients
+    are refused. "deepspeed":
     DeepSpeed's own stage-3 engine (gathers from hooks on every module; partitions the adapter too
     when it is larger than ``stage3_param_persistence_threshold``)."""
     zero3_gather_transport: Literal["auto", "copy_engine", "nccl"] = "auto"
     """With ``zero3_impl: mixlora_ds``, how layers are gathered. "copy_engine": the shards in
     symmetric memory, each rank copying the others' with the GPU's copy engines, no SMs and no
-    collective (CUDA, one host; on 2 H200s 0.99x ZeRO-2's tokens/s against 0.92x for "nccl",
-    BENCHMARKS.md); "nccl": an all-gather (any backend, any hosts); "auto": "copy_engine" where it
-    works, else "nccl"."""
+    collective (CUDA, one host; faster than "nccl" there, BENCHMARKS.md, "ZeRO-3 gathers by copy
+    engine"); "nccl": an all-gather (any backend, any hosts); "auto": "copy_engine" where it works,
+    else "nccl"."""
     zero3_prefetch_layers: int = 1
     """With ``zero3_impl: mixlora_ds``, how many decoder layers ahead of use a layer's gather starts
     (0: when the layer is reached). Each layer more keeps one more layer's frozen weights gathered
@@ -179,9 +241,12 @@ class DeepSpeedSection:
     next forward (with as many as the model has, the whole base stays gathered)."""
     zero3_gather: Literal["layer", "module"] = "layer"
     """With ``zero3_impl: deepspeed``, the gather granularity. "layer": each decoder layer is one ZeRO-3
-    leaf, its frozen weights gathered in one go (1.7x / 2.2x the tokens/s of "module" on 1 / 2 H200s,
-    7B MixLoRA; see BENCHMARKS.md). "module": DeepSpeed's per-module gathers (the MoE block still one
-    leaf)."""
+    leaf, its frozen weights gathered in one go (fewer, larger gathers: faster than "module",
+    BENCHMARKS.md, "Earlier levers: how ZeRO-3 gathers"). "module": DeepSpeed's per-module gathers
+    (the MoE block still one leaf)."""
+
+    def __post_init__(self) -> None:
+        _require_positive("zero3_prefetch_layers", self.zero3_prefetch_layers, allow_zero=True)
 
 
 @dataclass
@@ -193,12 +258,16 @@ class ParallelSection:
     Pays only when replicated experts are many or large: see README, "Expert parallelism", and the
     estimate the training log prints at start."""
 
+    def __post_init__(self) -> None:
+        _require(self.expert_parallel_size >= 1, "expert_parallel_size",
+                 f"must be >= 1 (1 = off), got {self.expert_parallel_size}")
+
 
 @dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    adapter: dict[str, Any] = field(default_factory=dict)
-    """Fields of ``mixlora_ds.MixLoraConfig`` (validated there)."""
+    adapter: MixLoraConfig = field(default_factory=MixLoraConfig)
+    """The adapter; its fields check themselves, by the adapter format's rules (``MixLoraConfig``)."""
     data: DataSection = field(default_factory=DataSection)
     batch: BatchSection = field(default_factory=BatchSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -220,12 +289,29 @@ class TrainConfig:
     automatic collector, whose pauses fall on different steps on different ranks (0 = automatic)."""
     schema_version: int = SCHEMA_VERSION
 
-    # Where the file came from; not part of the schema.
-    source: str = field(default="<defaults>", repr=False, compare=False)
+    origin: Origins = field(default_factory=lambda: Origins("<defaults>"), repr=False, compare=False)
+    """Where each key was given (not part of the schema): errors found after loading name it."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None:
+            _require_positive("max_steps", self.max_steps)
+
+    @property
+    def source(self) -> str:
+        """The run file, or "<defaults>"."""
+        return self.origin.source
+
+    def where(self, key: str) -> str:
+        """"file:line" (or the command-line flag) of a dotted key, else of its nearest section."""
+        return self.origin(key)
+
+    def error(self, key: str, message: str) -> TrainConfigError:
+        """An error about ``key``, placed where the key was given."""
+        return TrainConfigError(f"{self.where(key)}: {message}", key=key)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("source")
+        d.pop("origin")
         return d
 
     def resolve_path(self, p: str | None) -> str | None:
@@ -246,7 +332,7 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------- YAML + marks
-class _Where:
+class Origins:
     """Maps dotted keys to "file:line" (or the command-line flag) for error messages."""
 
     def __init__(self, source: str):
@@ -265,7 +351,7 @@ class _Where:
         return self.source
 
 
-def _record_lines(node: yaml.Node, prefix: str, where: _Where) -> None:
+def _record_lines(node: yaml.Node, prefix: str, where: Origins) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
@@ -273,8 +359,8 @@ def _record_lines(node: yaml.Node, prefix: str, where: _Where) -> None:
             _record_lines(value_node, key, where)
 
 
-def _load_yaml(path: str) -> tuple[dict[str, Any], _Where]:
-    where = _Where(path)
+def _load_yaml(path: str) -> tuple[dict[str, Any], Origins]:
+    where = Origins(path)
     if not os.path.isfile(path):
         raise TrainConfigError(f"{path}: run config file not found")
     text = Path(path).read_text(encoding="utf-8")
@@ -344,11 +430,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
+def _coerce(value: Any, tp: Any, key: str, where: Origins) -> Any:
     """Check ``value`` against annotation ``tp``; return it (floats widened from ints)."""
     origin = typing.get_origin(tp)
     bad = TrainConfigError(
-        f"{where(key)}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        f"{where(key)}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}", key=key
     )
     if tp is Any:
         return value
@@ -398,6 +484,10 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
         if not isinstance(value, dict):
             raise bad
         return dict(value)
+    if tp is MixLoraConfig:
+        if not isinstance(value, dict):
+            raise bad
+        return _build_adapter(value, key, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
@@ -405,42 +495,52 @@ def _coerce(value: Any, tp: Any, key: str, where: _Where) -> Any:
     raise bad
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, where: _Where) -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str, where: Origins, **not_schema: Any) -> Any:
+    """A section from its mapping: each key known and of its annotated type, then the section's own
+    checks (``FieldError``), every error placed by ``where``."""
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "origin"}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
             section = f"section '{prefix}'" if prefix else "the top level"
             raise TrainConfigError(
-                f"{where(dotted)}: unknown key '{dotted}' in {section}; known keys: {', '.join(sorted(known))}"
-            )
+                f"{where(dotted)}: unknown key '{dotted}' in {section}; known keys: {', '.join(sorted(known))}",
+                key=dotted)
         kwargs[key] = _coerce(value, hints[key], dotted, where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs, **not_schema)
+    except FieldError as e:
+        dotted = f"{prefix}.{e.field}" if prefix else e.field
+        raise TrainConfigError(f"{where(dotted)}: '{dotted}' {e.problem}", key=dotted) from None
+
+
+def _build_adapter(data: dict[str, Any], key: str, where: Origins) -> MixLoraConfig:
+    """The adapter section: ``MixLoraConfig`` checks its fields itself, by the adapter format's rules
+    (which accept more than the annotations say, e.g. legacy ``{name: bool}`` target modules)."""
+    try:
+        return MixLoraConfig(**data)
+    except ConfigError as e:
+        dotted = f"{key}.{e.field}" if e.field else key
+        raise TrainConfigError(f"{where(dotted)}: {e}", key=dotted) from None
+    except TypeError as e:  # an unknown field
+        raise TrainConfigError(f"{where(key)}: {key}: {e}", key=key) from None
 
 
 # --------------------------------------------------------------------------------------- loading
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a run file (or only defaults when ``path`` is None) and apply ``--a.b value`` overrides."""
-    data, where = _load_yaml(path) if path else ({}, _Where("<defaults>"))
+    """Read a run file (or only defaults when ``path`` is None) and apply ``--a.b value`` overrides.
+    The result is checked field by field; a bad value raises ``TrainConfigError``."""
+    data, origins = _load_yaml(path) if path else ({}, Origins("<defaults>"))
     for dotted, value, flag in parse_overrides(overrides or []):
         _set_dotted(data, dotted, value)
-        where.flags[dotted] = flag
-    cfg = _build(TrainConfig, data, "", where)
-    cfg.source = path or "<defaults>"
-    cfg._where = where  # type: ignore[attr-defined]  # for later semantic errors
+        origins.flags[dotted] = flag
+    cfg = _build(TrainConfig, data, "", origins, origin=origins)
     if cfg.schema_version != SCHEMA_VERSION:
-        raise TrainConfigError(
-            f"{where('schema_version')}: schema_version {cfg.schema_version} is not supported (this "
-            f"version reads {SCHEMA_VERSION})"
-        )
+        raise cfg.error("schema_version", f"schema_version {cfg.schema_version} is not supported (this "
+                                          f"version reads {SCHEMA_VERSION})")
     return cfg
-
-
-def where_of(cfg: TrainConfig, dotted: str) -> str:
-    where = getattr(cfg, "_where", None)
-    return where(dotted) if where is not None else cfg.source
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -12,7 +12,7 @@ import copy
 import os
 from typing import Any
 
-from mixlora_ds.train.config import TrainConfig, TrainConfigError, where_of
+from mixlora_ds.train.config import TrainConfig, TrainConfigError
 from mixlora_ds.utils.jsonfile import load_json
 
 AUTO = "auto"
@@ -80,10 +80,9 @@ def resolve_ds_config(cfg: TrainConfig, world_size: int, hidden_size: int | None
     micro = cfg.batch.micro_batch_size
     per_step = micro * world_size
     if cfg.batch.global_batch_size % per_step:
-        raise TrainConfigError(
-            f"{where_of(cfg, 'batch.global_batch_size')}: batch.global_batch_size={cfg.batch.global_batch_size} "
-            f"is not divisible by micro_batch_size ({micro}) x world size ({world_size}) = {per_step}"
-        )
+        raise cfg.error("batch.global_batch_size",
+                        f"batch.global_batch_size={cfg.batch.global_batch_size} is not divisible by "
+                        f"micro_batch_size ({micro}) x world size ({world_size}) = {per_step}")
     gas = cfg.batch.global_batch_size // per_step
     _fill(ds, "train_micro_batch_size_per_gpu", micro, where, "train_micro_batch_size_per_gpu", "batch.micro_batch_size")
     _fill(ds, "gradient_accumulation_steps", gas, where, "gradient_accumulation_steps",
@@ -151,10 +150,7 @@ def _check_zero_section(zero: dict[str, Any], where: str) -> None:
 def _resolve_optimizer(cfg: TrainConfig, ds: dict[str, Any], where: str, offload: bool) -> None:
     o = cfg.optim
     if o.impl == "cpu_adam" and not offload:
-        raise TrainConfigError(
-            f"{where_of(cfg, 'optim.impl')}: optim.impl=cpu_adam needs zero_optimization.offload_optimizer "
-            f"in {where}"
-        )
+        raise cfg.error("optim.impl", f"optim.impl=cpu_adam needs zero_optimization.offload_optimizer in {where}")
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if not isinstance(opt, dict):
         raise TrainConfigError(f"{where}: 'optimizer' must be an object")
@@ -172,9 +168,7 @@ def _resolve_optimizer(cfg: TrainConfig, ds: dict[str, Any], where: str, offload
     # FusedAdam, or DeepSpeedCPUAdam under offload.
     _fill(params, "torch_adam", o.impl == "torch", where, "optimizer.params.torch_adam", f"optim.impl={o.impl}")
     if o.impl == "fused" and offload:
-        raise TrainConfigError(
-            f"{where_of(cfg, 'optim.impl')}: optim.impl=fused cannot run with optimizer offload; use cpu_adam or torch"
-        )
+        raise cfg.error("optim.impl", "optim.impl=fused cannot run with optimizer offload; use cpu_adam or torch")
 
 
 def _find_auto(d: Any, prefix: str):
@@ -237,7 +231,7 @@ def engine_ds_config(cfg: TrainConfig, ds: dict[str, Any]) -> dict[str, Any]:
         if used:
             raise TrainConfigError(
                 f"{where}: zero_optimization.{key} needs DeepSpeed's own stage-3 engine; set "
-                f"deepspeed.zero3_impl: deepspeed in the run config ({where_of(cfg, 'deepspeed')})"
+                f"deepspeed.zero3_impl: deepspeed in the run config ({cfg.where('deepspeed')})"
             )
     engine = copy.deepcopy(ds)
     engine["zero_optimization"] = {k: v for k, v in zero.items()

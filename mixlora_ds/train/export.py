@@ -109,7 +109,7 @@ def verify_adapter(out_dir: str, expected: dict[str, torch.Tensor], hf_config: A
             if not torch.equal(t, expected[key]):
                 raise ExportError(f"{where}: tensor {key} differs from the trained value")
     # Every trainable parameter of a fresh model must receive a tensor of the right shape.
-    from mixlora_ds.train.build import plain_construction
+    from mixlora_ds.train.base_model import plain_construction
 
     with plain_construction(), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)

@@ -31,7 +31,7 @@ from mixlora_ds.train.checkpoint import CheckpointError, CheckpointManager
 from mixlora_ds.train.config import TrainConfig, dump_config
 from mixlora_ds.train.ds_config import zero_stage
 from mixlora_ds.train.gc_schedule import ScheduledGC
-from mixlora_ds.train.metrics import Interval, flop_per_token
+from mixlora_ds.train.metrics import Interval, all_reduce_sums, flop_per_token
 from mixlora_ds.train.monitor import Monitor, peak_memory_gb
 from mixlora_ds.train.plan import RunPlan
 from mixlora_ds.train.run_dir import (METRICS, TRAIN_COMPLETE, TRAIN_STOPPED, RunStart, decide_start,
@@ -56,38 +56,67 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from mixlora_ds.train.build import build_model, count_parameters, start_engine
-        from mixlora_ds.train.schedule import build_scheduler
-
-        cfg, plan = self.cfg, self.plan
+        """Everything before the first step; collectives in the same order on every rank."""
         self.stop.install(watch_launcher=self.watch_launcher)
         self.start = self._decide_start()  # before the model is built: a refused start costs nothing
-        built = build_model(cfg, plan.ds_config, plan.precision, plan.stage)
-        self.built = built
-        total, trainable = count_parameters(built.model)
+        self._build()
+        self._seed_this_rank()
+        self._open_training_data()
+        self._size_statistics()
+        self.ckpt = CheckpointManager(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last, self.start.run_id)
+        self.engine_stage = zero_stage(self.plan.engine_ds_config)  # decides the checkpoint's file layout
+        self.run_config_yaml = dump_config(self.cfg)
+        self.step = self._resume()
+        self._prepare_output_dir()
+        # TensorBoard drops what earlier writers of this run logged after the step it starts from.
+        self.monitor = Monitor(self.cfg.tensorboard_dir, dist.is_main(), self.plan.total_steps,
+                               self.cfg.logging.progress_bar, start_step=self.step, purge_step=self.step + 1)
+
+    def _build(self) -> None:
+        """The model, its DeepSpeed engine (with the lr schedule) and, under expert parallelism, the
+        optimizer of this rank's experts."""
+        from mixlora_ds.train.build import build_model, start_engine
+        from mixlora_ds.train.schedule import build_scheduler
+
+        plan, schedule = self.plan, self.cfg.schedule
+        self.built = build_model(plan)
+        self._log_model()
+
+        def scheduler(optimizer):
+            return build_scheduler(optimizer, schedule.type, plan.warmup_steps, plan.total_steps,
+                                   schedule.min_lr_ratio)
+
+        self.engine = start_engine(self.built, plan.engine_ds_config, scheduler)
+        self.model = self.engine.module
+        self.experts = self._expert_optimizer(self.built)
+
+    def _log_model(self) -> None:
+        from mixlora_ds.train.build import count_parameters
+
+        plan, sharded = self.plan, self.built.sharded_base
+        total, trainable = count_parameters(self.built.model)
         log.info("model: %s parameters, %s trainable (%.3f%%), ZeRO stage %d, %s, world %d, grad accum %d",
                  f"{total:,}", f"{trainable:,}", 100.0 * trainable / max(total, 1), plan.stage, plan.precision,
                  self.world, plan.grad_accum)
-        if built.sharded_base is not None:
-            held, full = built.sharded_base.held_numel()
-            how = "copy engine" if built.sharded_base.transport == "copy_engine" else "all-gather"
+        if sharded is not None:
+            held, full = sharded.held_numel()
+            how = "copy engine" if sharded.transport == "copy_engine" else "all-gather"
             log.info("ZeRO-3 by mixlora_ds: frozen base sharded per decoder layer, this rank's shards hold %s "
                      "of %s elements, gathered by %s; DeepSpeed runs stage 2 for the adapter",
                      f"{held:,}", f"{full:,}", how)
 
-        def scheduler(optimizer):
-            return build_scheduler(optimizer, cfg.schedule.type, plan.warmup_steps, plan.total_steps,
-                                   cfg.schedule.min_lr_ratio)
-
-        self.engine = start_engine(built, plan.engine_ds_config, scheduler)
-        self.model = self.engine.module
-        self.experts = self._expert_optimizer(built)
+    def _seed_this_rank(self) -> None:
         # Dropout masks differ between ranks (like different GPUs would); resume restores them.
-        torch.manual_seed(cfg.seed * 1000 + self.rank)
-        random.seed(cfg.seed * 1000 + self.rank)
-        np.random.seed((cfg.seed * 1000 + self.rank) % 2**32)
+        seed = self.cfg.seed * 1000 + self.rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
 
+    def _open_training_data(self) -> None:
+        """This rank's stream of micro-batches, and how they are fed to the model."""
+        cfg = self.cfg
         self.dense_mask = not cfg.model.attn_implementation.startswith("flash")
+        self.compute_dtype = torch.bfloat16 if self.plan.precision == "bf16" else torch.float32
         self.train_stream = BatchStream(cfg.data.train_dir, cfg.data.train_split, cfg.batch.micro_batch_size,
                                         cfg.seed, cfg.data.shuffle, cfg.data.drop_last, self.rank, self.world,
                                         self.dense_mask)
@@ -99,58 +128,67 @@ class Trainer:
             raise RuntimeError(f"ranks see different numbers of micro-batches per epoch ({lo}..{hi}); "
                                f"the sampler must give every rank the same count")
 
-        self.task_names = _task_names(plan.manifest)
-        self.is_moe = built.adapter_config.peft_type == "MIXLORA"
+    def _size_statistics(self) -> None:
+        """What an interval's statistics hold (tasks, layers x experts), and the FLOPs behind MFU."""
+        plan, adapter = self.plan, self.cfg.adapter
+        self.task_names = plan.task_names
+        self.is_moe = adapter.is_mixlora
         n_layers = getattr(plan.hf_config, "num_hidden_layers", 0) if self.is_moe else 0
-        n_experts = built.adapter_config.num_experts if self.is_moe else 0
+        n_experts = adapter.num_experts if self.is_moe else 0
         self.interval_shape = (len(self.task_names), n_layers, n_experts)
-        seq = plan.seq_len or 0
-        self.flops_per_token = flop_per_token(self.model, plan.hf_config, seq)
-        self.compute_dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
+        self.flops_per_token = flop_per_token(self.model, plan.hf_config, plan.seq_len)
 
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, self.start.run_id)
-        self.engine_stage = zero_stage(plan.engine_ds_config)  # decides the checkpoint's file layout
-        self.run_config_yaml = dump_config(cfg)
-        self.step = 0
+    def _resume(self) -> int:
+        """Load the checkpoint this start continues from, if any; the step training goes on from."""
         info = self.start.resume
-        if info is not None:
-            self._check_saved_expert_parallel(info)
-            state = self.ckpt.load(self.engine, info, self.engine_stage)
-            if self.experts is not None:
-                from mixlora_ds.train.expert_checkpoint import load_experts
+        if info is None:
+            if self.resume_spec == "auto":
+                log.info("--resume auto: no complete checkpoint under %s, starting fresh", self.cfg.checkpoint_dir)
+            return 0
+        self._check_saved_expert_parallel(info)
+        state = self.ckpt.load(self.engine, info, self.engine_stage)
+        if self.experts is not None:
+            from mixlora_ds.train.expert_checkpoint import load_experts
 
-                load_experts(info.path, built.expert_parallel, self.experts)
-            self.step = state["step"]
-            self.train_stream.load_state_dict(state["data"])
-            log.info("resumed from %s at step %d", info.path, self.step)
-        elif self.resume_spec == "auto":
-            log.info("--resume auto: no complete checkpoint under %s, starting fresh", cfg.checkpoint_dir)
-        self.complete_marker = os.path.join(cfg.output_dir, TRAIN_COMPLETE)
-        self.stopped_marker = os.path.join(cfg.output_dir, TRAIN_STOPPED)
-        self.metrics_path = os.path.join(cfg.output_dir, METRICS)
-        if dist.is_main():
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            for marker in (self.complete_marker, self.stopped_marker):
-                if os.path.exists(marker):
-                    os.remove(marker)
-            write_run_record(cfg.output_dir, self.start.run_id, cfg.run_name)
-            dropped = truncate_metrics(self.metrics_path, self.step)
-            if dropped:
-                log.info("%s: dropped %d rows logged after step %d (the run continues from there)",
-                         self.metrics_path, dropped, self.step)
-            from mixlora_ds.utils.atomic import atomic_write_text
+            load_experts(info.path, self.built.expert_parallel, self.experts)
+        self.train_stream.load_state_dict(state["data"])
+        log.info("resumed from %s at step %d", info.path, state["step"])
+        return state["step"]
 
-            atomic_write_text(os.path.join(cfg.output_dir, "run_config.yaml"), self.run_config_yaml)
-            atomic_write_text(os.path.join(cfg.output_dir, "ds_config.json"), json.dumps(plan.ds_config, indent=2) + "\n")
-            log.info("resolved run config:\n%s", self.run_config_yaml)
-            log.info("resolved DeepSpeed config: %s", json.dumps(plan.ds_config, sort_keys=True))
-            if plan.shards_base:
-                atomic_write_text(os.path.join(cfg.output_dir, "ds_engine_config.json"),
-                                  json.dumps(plan.engine_ds_config, indent=2) + "\n")
-                log.info("DeepSpeed engine config: %s", json.dumps(plan.engine_ds_config, sort_keys=True))
-        # TensorBoard drops what earlier writers of this run logged after the step it starts from.
-        self.monitor = Monitor(cfg.tensorboard_dir, dist.is_main(), plan.total_steps,
-                               cfg.logging.progress_bar, start_step=self.step, purge_step=self.step + 1)
+    def _prepare_output_dir(self) -> None:
+        """Rank 0: this run's record, the end markers of an earlier start removed, metrics cut back to
+        the step this one starts from, and the resolved configs written."""
+        out = self.cfg.output_dir
+        self.complete_marker = os.path.join(out, TRAIN_COMPLETE)
+        self.stopped_marker = os.path.join(out, TRAIN_STOPPED)
+        self.metrics_path = os.path.join(out, METRICS)
+        if not dist.is_main():
+            return
+        os.makedirs(out, exist_ok=True)
+        for marker in (self.complete_marker, self.stopped_marker):
+            if os.path.exists(marker):
+                os.remove(marker)
+        write_run_record(out, self.start.run_id, self.cfg.run_name)
+        dropped = truncate_metrics(self.metrics_path, self.step)
+        if dropped:
+            log.info("%s: dropped %d rows logged after step %d (the run continues from there)",
+                     self.metrics_path, dropped, self.step)
+        self._write_resolved_configs()
+
+    def _write_resolved_configs(self) -> None:
+        """The resolved run and DeepSpeed configs go to files; the log names them and shows the values
+        people look for."""
+        from mixlora_ds.utils.atomic import atomic_write_text
+
+        plan = self.plan
+        files = {"run_config.yaml": self.run_config_yaml, "ds_config.json": json.dumps(plan.ds_config, indent=2) + "\n"}
+        if plan.shards_base:
+            files["ds_engine_config.json"] = json.dumps(plan.engine_ds_config, indent=2) + "\n"
+        paths = [os.path.join(self.cfg.output_dir, name) for name in files]
+        for path, text in zip(paths, files.values()):
+            atomic_write_text(path, text)
+        log.info("resolved configs: %s", ", ".join(paths))
+        log.info("run: %s", plan.summary())
 
     def _decide_start(self) -> RunStart:
         """Rank 0 decides which run this is and where it starts; every rank gets the same answer."""
@@ -271,44 +309,56 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- logging
     def flush_interval(self, iv: Interval) -> None:
-        """One all-reduce of every local statistic, then rank 0 writes scalars and the console line."""
+        """One all-reduce of every local statistic, then rank 0 writes scalars, metric rows and the
+        console line."""
         if not iv.steps:
             return
-        n = len(iv.steps)
-        flat = torch.cat([
-            torch.stack(iv.ce), torch.stack(iv.aux), torch.stack([iv.real_tokens, iv.positions]),
-            iv.task_ce, iv.task_tokens, iv.counts_LE.flatten(), iv.entropy_L, iv.routed_tokens.view(1), iv.dropped_L,
-        ])
-        t = dist.all_reduce_(flat).cpu().numpy()
-        _raise_if_diverged(t[:n], iv)
-        ep_scalars = self._expert_parallel_scalars(n, max(time.time() - iv.t0, 1e-9))
+        sums = all_reduce_sums(iv.local_sums())
+        _raise_if_diverged(sums["ce"], iv)
+        ep_scalars = self._expert_parallel_scalars(len(iv.steps), max(time.time() - iv.t0, 1e-9))
         if not dist.is_main():
             return
-        tokens = [float(x) for x in iv.tokens]
-        grad_norm = _grad_norms(iv)
-        o = 0
-        ce = t[o:o + n]; o += n
-        aux = t[o:o + n]; o += n
-        real_tokens, positions = t[o], t[o + 1]; o += 2
-        nt, nl, ne = self.interval_shape
-        task_ce = t[o:o + nt]; o += nt
-        task_tok = t[o:o + nt]; o += nt
-        counts = t[o:o + nl * ne].reshape(nl, ne); o += nl * ne
-        ent = t[o:o + nl]; o += nl
-        routed = t[o]; o += 1
-        dropped = t[o:o + nl]; o += nl
+        rows = self._step_rows(iv, sums)
+        scalars = self._interval_scalars(iv, sums, rows, ep_scalars)
+        self.monitor.scalars(self.step, scalars)
+        if self.is_moe and iv.n_layers:
+            self._routing_scalars(iv, sums)
+        self.monitor.flush()
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        grad_norm = np.nanmean([row["grad_norm"] for row in rows])
+        self.monitor.line(
+            f"step {self.step}/{self.plan.total_steps} | loss {scalars['train/loss']:.4f} "
+            f"ce {scalars['train/ce_loss']:.4f} aux {scalars['train/aux_loss']:.5f} | lr {scalars['train/lr']:.2e} | "
+            f"gnorm {grad_norm:.3f} | {scalars['perf/tokens_per_s']:,.0f} tok/s | "
+            f"{scalars['perf/tflops']:.3f} TFLOP/s/dev | mem {scalars['perf/peak_mem_gb']:.2f} GB"
+        )
 
+    def _step_rows(self, iv: Interval, sums: dict[str, Any]) -> list[dict[str, float]]:
+        """metrics.jsonl's rows for the interval's steps: CE per answer token of the global batch, aux
+        loss per forward, their sum, lr, global gradient norm and answer tokens."""
         forwards = self.world * self.plan.grad_accum
+        rows = []
+        for step, ce_sum, aux_sum, tokens, lr, grad_norm in zip(iv.steps, sums["ce"], sums["aux"], iv.tokens,
+                                                                iv.lr, _grad_norms(iv)):
+            tokens = float(tokens)
+            ce, aux = ce_sum / max(tokens, 1.0), aux_sum / forwards
+            rows.append({"step": step, "loss": ce + aux, "ce_loss": ce, "aux_loss": aux, "lr": lr,
+                         "grad_norm": grad_norm, "tokens": tokens})
+        return rows
+
+    def _interval_scalars(self, iv: Interval, sums: dict[str, Any], rows: list[dict[str, float]],
+                          ep_scalars: dict[str, float]) -> dict[str, float | None]:
+        """The interval's TensorBoard scalars: step means, throughput, memory, expert parallelism, MFU,
+        per-task losses."""
         elapsed = max(time.time() - iv.t0, 1e-9)
-        step_ce = [c / max(tok, 1.0) for c, tok in zip(ce, tokens)]
-        step_aux = [a / forwards for a in aux]
-        step_loss = [c + a for c, a in zip(step_ce, step_aux)]
-        tps = real_tokens / elapsed
-        tflops = self.flops_per_token * positions / elapsed / self.world / 1e12
-        last = self.step
+        tps = sums["real_tokens"] / elapsed
+        tflops = self.flops_per_token * sums["positions"] / elapsed / self.world / 1e12
+        grad_norm = [row["grad_norm"] for row in rows]
         scalars = {
-            "train/loss": float(np.mean(step_loss)), "train/ce_loss": float(np.mean(step_ce)),
-            "train/aux_loss": float(np.mean(step_aux)), "train/lr": iv.lr[-1],
+            "train/loss": float(np.mean([row["loss"] for row in rows])),
+            "train/ce_loss": float(np.mean([row["ce_loss"] for row in rows])),
+            "train/aux_loss": float(np.mean([row["aux_loss"] for row in rows])), "train/lr": iv.lr[-1],
             "train/grad_norm": float(np.nanmean(grad_norm)) if not all(map(math.isnan, grad_norm)) else None,
             "perf/tokens_per_s": tps, "perf/tokens_per_s_per_device": tps / self.world, "perf/tflops": tflops,
             "perf/peak_mem_gb": peak_memory_gb(),
@@ -316,27 +366,21 @@ class Trainer:
         scalars.update(ep_scalars)
         if self.cfg.logging.peak_tflops:
             scalars["perf/mfu"] = tflops / self.cfg.logging.peak_tflops
-        for i, name in enumerate(self.task_names):
-            if task_tok[i] > 0:
-                scalars[f"train/task_loss/{name}"] = task_ce[i] / task_tok[i]
-        self.monitor.scalars(last, scalars)
-        if self.is_moe and nl:
-            load = counts / np.maximum(counts.sum(-1, keepdims=True), 1.0)
-            entropy = ent / max(routed, 1.0)
-            switch = self.built.adapter_config.routing_strategy == "mixlora-switch"
-            every = self.cfg.logging.heatmap_every_steps
-            heat = every > 0 and any(s % every == 0 for s in iv.steps)
-            self.monitor.moe(last, load, entropy, dropped if switch else None, heat)
-        self.monitor.flush()
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            for i, s in enumerate(iv.steps):
-                f.write(json.dumps({"step": s, "loss": step_loss[i], "ce_loss": step_ce[i], "aux_loss": step_aux[i],
-                                    "lr": iv.lr[i], "grad_norm": grad_norm[i], "tokens": tokens[i]}) + "\n")
-        self.monitor.line(
-            f"step {last}/{self.plan.total_steps} | loss {scalars['train/loss']:.4f} ce {scalars['train/ce_loss']:.4f} "
-            f"aux {scalars['train/aux_loss']:.5f} | lr {iv.lr[-1]:.2e} | gnorm {np.nanmean(grad_norm):.3f} | "
-            f"{tps:,.0f} tok/s | {tflops:.3f} TFLOP/s/dev | mem {scalars['perf/peak_mem_gb']:.2f} GB"
-        )
+        for name, task_ce, task_tokens in zip(self.task_names, sums["task_ce"], sums["task_tokens"]):
+            if task_tokens > 0:
+                scalars[f"train/task_loss/{name}"] = task_ce / task_tokens
+        return scalars
+
+    def _routing_scalars(self, iv: Interval, sums: dict[str, Any]) -> None:
+        """Per layer: expert load, router entropy and (switch routing) tokens dropped; the load heatmap
+        when the interval holds one of its steps."""
+        counts_LE = sums["counts_LE"]
+        load_LE = counts_LE / np.maximum(counts_LE.sum(-1, keepdims=True), 1.0)
+        entropy_L = sums["entropy_L"] / max(sums["routed_tokens"], 1.0)
+        switch = self.cfg.adapter.routing_strategy == "mixlora-switch"
+        every = self.cfg.logging.heatmap_every_steps
+        heat = every > 0 and any(s % every == 0 for s in iv.steps)
+        self.monitor.moe(self.step, load_LE, entropy_L, sums["dropped_L"] if switch else None, heat)
 
     def _expert_parallel_scalars(self, steps: int, elapsed: float) -> dict[str, float]:
         """Collective under expert parallelism: per interval step, rows received by each EP rank (over
@@ -436,7 +480,7 @@ class Trainer:
     def export(self) -> None:
         from mixlora_ds.train.export import export_adapter
 
-        result = export_adapter(self.model, self.built.adapter_config, self.plan.hf_config, self.cfg.export_dir,
+        result = export_adapter(self.model, self.cfg.adapter, self.plan.hf_config, self.cfg.export_dir,
                                 self.built.expert_parallel)
         if dist.is_main():
             self.monitor.line(f"adapter exported to {self.cfg.export_dir}: {result['tensors']} tensors, "
@@ -499,17 +543,6 @@ class Trainer:
             atomic_write_text(self.complete_marker, json.dumps({"step": self.step, "adapter": self.cfg.export_dir}) + "\n")
         self.monitor.close()
         return 0
-
-
-def _task_names(manifest: dict[str, Any]) -> list[str]:
-    tasks = manifest.get("tasks") or manifest.get("task_names") or []
-    if isinstance(tasks, dict):
-        # {name: id} or {name: {...,"id": n}}
-        def tid(item):
-            v = item[1]
-            return v if isinstance(v, int) else v.get("id", 0) if isinstance(v, dict) else 0
-        return [name for name, _ in sorted(tasks.items(), key=tid)]
-    return [t if isinstance(t, str) else t.get("name", str(i)) for i, t in enumerate(tasks)]
 
 
 def train(plan: RunPlan, resume: str | None = None, overwrite: bool = False, watch_launcher: bool = False) -> int:

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from mixlora_ds import dist
+
 
 class Interval:
     """Local sums since the last logging step, kept on the device (no host sync per micro-batch)
@@ -27,6 +29,25 @@ class Interval:
         self.counts_LE, self.entropy_L, self.dropped_L = z(n_layers, n_experts), z(n_layers), z(n_layers)
         self.routed_tokens = z(())
         self.t0 = time.time()
+
+    def local_sums(self) -> dict[str, torch.Tensor]:
+        """This rank's statistics that ranks add up, by name (the per-step ones stacked)."""
+        return {"ce": torch.stack(self.ce), "aux": torch.stack(self.aux), "real_tokens": self.real_tokens,
+                "positions": self.positions, "task_ce": self.task_ce, "task_tokens": self.task_tokens,
+                "counts_LE": self.counts_LE, "entropy_L": self.entropy_L, "routed_tokens": self.routed_tokens,
+                "dropped_L": self.dropped_L}
+
+
+def all_reduce_sums(parts: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Each tensor summed over all ranks, in one all-reduce; back on the host by name, in its shape (a
+    0-d tensor as a number)."""
+    summed = dist.all_reduce_(torch.cat([t.reshape(-1) for t in parts.values()])).cpu().numpy()
+    out, offset = {}, 0
+    for name, t in parts.items():
+        chunk = summed[offset:offset + t.numel()]
+        out[name] = chunk.reshape(t.shape) if t.dim() else chunk[0]
+        offset += t.numel()
+    return out
 
 
 def flop_per_token(model: torch.nn.Module, hf_config: Any, seq_len: int) -> float:

@@ -1,49 +1,85 @@
-"""Check a run config completely, before any rank initialises communication or builds a model.
+"""Check a run config against the device, the model, the world size and the data, before any rank
+initialises communication or builds a model, and derive what the run needs from them once.
 
-Every rank runs the same checks on the same files, so a bad config fails on every rank with the
-same message and no rank is left waiting in a collective. The result, a :class:`RunPlan`, carries
-everything derived from the config (world size, accumulation, total steps, resolved DeepSpeed
-config, model and adapter configs).
+The config's own fields were checked when it was loaded; what is checked here needs more than the
+config. Every rank runs the same checks on the same files, cheap ones first, so a bad config fails
+on every rank with the same message and no rank is left waiting in a collective. The result, a
+:class:`RunPlan`, carries everything derived (precision, resolved DeepSpeed config, model config,
+accumulation, total steps); ``build_model`` and the training loop take it as it is.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from mixlora_ds.train.config import TrainConfig, TrainConfigError, where_of
+from mixlora_ds.config import MixLoraConfig
+from mixlora_ds.data.errors import DataError
+from mixlora_ds.data.shards import read_manifest
+from mixlora_ds.train.base_model import check_adapter_targets, hf_config_for
+from mixlora_ds.train.config import TrainConfig
 from mixlora_ds.train.ds_config import (engine_ds_config, resolve_ds_config, resolve_precision,
                                         shards_base_itself, zero_stage)
+from mixlora_ds.train.schedule import warmup_steps_for
 from mixlora_ds.train.tokenizer_check import check_data_fits_model
 
 
-@dataclass
-class RunPlan:
+@dataclass(frozen=True)
+class ModelPlan:
+    """What building the model takes (``build.build_model``)."""
+
     cfg: TrainConfig
-    world_size: int
-    device: str
+    hf_config: Any
+    """The base model's Transformers config."""
     precision: str
+    """"bf16" or "fp32": the config's ``precision`` for this device."""
     stage: int
     """The ZeRO stage of the DeepSpeed config (3: the frozen base is sharded, see ``shards_base``)."""
     ds_config: dict[str, Any]
     """The resolved DeepSpeed config, as given (construction under ZeRO-3 follows it)."""
-    engine_ds_config: dict[str, Any]
-    """What DeepSpeed's engine gets (``ds_config.engine_ds_config``)."""
     shards_base: bool
     """mixlora_ds shards the frozen base itself (ZeRO-3 with ``deepspeed.zero3_impl: mixlora_ds``)."""
-    hf_config: Any
-    adapter_config: Any
+
+    @property
+    def adapter_config(self) -> MixLoraConfig:
+        """The run's adapter (``cfg.adapter``)."""
+        return self.cfg.adapter
+
+
+@dataclass(frozen=True)
+class RunPlan(ModelPlan):
+    """Everything derived from the config for a run on ``world_size`` ranks."""
+
+    world_size: int
+    device: str
+    engine_ds_config: dict[str, Any]
+    """What DeepSpeed's engine gets (``ds_config.engine_ds_config``)."""
     grad_accum: int
     train_sequences: int
-    seq_len: int | None
+    seq_len: int
+    """Tokens per packed row of the training data."""
     micro_batches_per_epoch: int
     total_steps: int
     warmup_steps: int
     eval_dir: str | None
-    manifest: dict[str, Any]
+    task_names: list[str]
+    """The training data's tasks, in task-id order."""
+
+    def summary(self) -> str:
+        """The values people look for in a training log, on one line (the whole resolved config is
+        in the run directory: run_config.yaml, ds_config.json)."""
+        cfg, adapter = self.cfg, self.cfg.adapter
+        model = cfg.model.name_or_path or f"random {self.hf_config.model_type} weights"
+        kind = f"{adapter.peft_type}{' (DoRA)' if adapter.use_dora else ''} r {adapter.r}"
+        if adapter.is_mixlora:
+            routing = {"mixlora": f"top-k {adapter.top_k}", "mixlora-dynamic": f"top-p {adapter.top_p}",
+                       "mixlora-switch": "switch"}[adapter.routing_strategy]
+            kind += f", {adapter.num_experts} experts, {routing}"
+        return (f"model {model}; adapter {kind}; world {self.world_size}, ZeRO stage {self.stage}, {self.precision}; "
+                f"batch {cfg.batch.micro_batch_size} per rank, {cfg.batch.global_batch_size} per step, "
+                f"grad accum {self.grad_accum}; lr {cfg.optim.lr:g}, {self.total_steps} steps")
 
 
 def accelerator_name() -> str:
@@ -52,19 +88,131 @@ def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
+def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> RunPlan:
+    """The plan of a run of ``cfg`` on ``world_size`` ranks of ``device`` (default: the accelerator's);
+    a ``TrainConfigError`` naming the key for anything that cannot work."""
+    device = device or accelerator_name()
+    check_attention(cfg, device)
+    precision = resolve_precision(cfg, device)
+    hf_config = hf_config_for(cfg)
+    check_adapter_targets(cfg, hf_config)
+    ds_config = resolve_ds_config(cfg, world_size, getattr(hf_config, "hidden_size", None), device)
+    stage = zero_stage(ds_config)
+    grad_accum = ds_config["gradient_accumulation_steps"]
+    shards_base = shards_base_itself(cfg, ds_config)
+    engine_config = engine_ds_config(cfg, ds_config)
+    check_compile(cfg, stage, shards_base)
+    check_expert_parallel(cfg, world_size, stage, shards_base)
+    check_gather_transport(cfg, shards_base, device)
+
+    manifest, n_train, mb_per_epoch = training_data(cfg, world_size)
+    held_out = held_out_data(cfg, manifest)
+    eval_dir = held_out[1] if held_out is not None else None
+    datasets = [("data.train_dir", cfg.data.train_dir, manifest, cfg.data.train_split)]
+    if held_out is not None:
+        datasets.append((*held_out, cfg.data.eval_split))
+    check_data_fits_model(cfg, hf_config, datasets)
+    total = total_steps(cfg, mb_per_epoch, grad_accum)
+    return RunPlan(
+        cfg=cfg, hf_config=hf_config, precision=precision, stage=stage, ds_config=ds_config,
+        shards_base=shards_base, world_size=world_size, device=device, engine_ds_config=engine_config,
+        grad_accum=grad_accum, train_sequences=n_train, seq_len=manifest["seq_len"],
+        micro_batches_per_epoch=mb_per_epoch, total_steps=total,
+        warmup_steps=warmup_steps_for(cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio, total),
+        eval_dir=eval_dir, task_names=list(manifest["tasks"]))
+
+
+# ------------------------------------------------------------------------------- the device and ZeRO
+def check_attention(cfg: TrainConfig, device: str) -> None:
+    if device == "cpu" and cfg.model.attn_implementation.startswith("flash"):
+        raise cfg.error("model.attn_implementation", "flash attention needs a GPU; use sdpa on CPU")
+
+
+def check_compile(cfg: TrainConfig, stage: int, shards_base: bool) -> None:
+    if cfg.model.compile and stage == 3 and not shards_base:
+        raise cfg.error("model.compile", "model.compile does not work with deepspeed.zero3_impl: deepspeed "
+                                         "(DeepSpeed's stage-3 parameter hooks run inside the compiled layers); "
+                                         "use zero3_impl: mixlora_ds, or model.compile: false")
+
+
+def check_gather_transport(cfg: TrainConfig, shards_base: bool, device: str) -> None:
+    # (whether every rank shares one host is checked when the base is sharded: it takes a collective)
+    if shards_base and cfg.deepspeed.zero3_gather_transport == "copy_engine" and device != "cuda":
+        raise cfg.error("deepspeed.zero3_gather_transport",
+                        f"deepspeed.zero3_gather_transport=copy_engine needs CUDA GPUs, this run is on {device}; "
+                        f"use auto or nccl")
+
+
+def check_expert_parallel(cfg: TrainConfig, world_size: int, stage: int, shards_base: bool) -> None:
+    """``parallel.expert_parallel_size`` against the adapter, the world size and the ZeRO setup."""
+    ep = cfg.parallel.expert_parallel_size
+    key = "parallel.expert_parallel_size"
+    adapter = cfg.adapter
+    if ep == 1:
+        return
+    if not adapter.is_mixlora:
+        raise cfg.error(key, f"{key}={ep} needs a MixLoRA adapter (experts to share out); adapter.peft_type is "
+                             f"{adapter.peft_type}")
+    if adapter.num_experts % ep:
+        raise cfg.error(key, f"{key}={ep} does not divide adapter.num_experts={adapter.num_experts}; each rank "
+                             f"of a group must own as many experts")
+    if world_size % ep:
+        raise cfg.error(key, f"{key}={ep} does not divide the world size {world_size}; expert-parallel groups "
+                             f"are {ep} consecutive ranks")
+    if stage == 3 and not shards_base:
+        raise cfg.error(key, f"{key}={ep} does not work with deepspeed.zero3_impl: deepspeed (DeepSpeed's "
+                             f"stage-3 engine refuses mixture-of-experts layers); use deepspeed.zero3_impl: "
+                             f"mixlora_ds (the default), which shards the frozen base the same way")
+    if stage == 0:
+        raise cfg.error(key, f"{key}={ep} needs ZeRO stage 1, 2 or 3 in the DeepSpeed config "
+                             f"({cfg.deepspeed.config}); it has zero_optimization.stage 0")
+
+
+# ------------------------------------------------------------------------------------------ data
+def training_data(cfg: TrainConfig, world_size: int) -> tuple[dict[str, Any], int, int]:
+    """The training data's manifest, its packed rows, and the micro-batches each rank gets per epoch."""
+    if not cfg.data.train_dir:
+        raise cfg.error("data.train_dir", "data.train_dir is required")
+    manifest = _read_manifest(cfg, "data.train_dir", cfg.data.train_dir)
+    n_train = _split_len(cfg, "data.train_dir", cfg.data.train_dir, cfg.data.train_split)
+    per_rank = n_train // world_size if cfg.data.drop_last else math.ceil(n_train / world_size)
+    mb_per_epoch = per_rank // cfg.batch.micro_batch_size
+    if mb_per_epoch < 1:
+        raise cfg.error("data.train_dir", f"{n_train} packed training sequences cannot fill one micro-batch of "
+                                          f"{cfg.batch.micro_batch_size} on each of {world_size} ranks")
+    return manifest, n_train, mb_per_epoch
+
+
+def held_out_data(cfg: TrainConfig, train_manifest: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | None:
+    """(config key, directory, manifest) of the held-out data: ``data.eval_dir``, else the
+    ``data.eval_split`` of the training data when it has one; None when there is none."""
+    if cfg.data.eval_dir:
+        manifest = _read_manifest(cfg, "data.eval_dir", cfg.data.eval_dir)
+        _split_len(cfg, "data.eval_dir", cfg.data.eval_dir, cfg.data.eval_split)
+        return "data.eval_dir", cfg.data.eval_dir, manifest
+    if has_split(cfg.data.train_dir, cfg.data.eval_split):
+        return "data.train_dir", cfg.data.train_dir, train_manifest
+    if cfg.eval.every_steps > 0:
+        raise cfg.error("eval.every_steps", f"eval.every_steps={cfg.eval.every_steps} but there is no held-out "
+                                            f"data: set data.eval_dir or prepare an '{cfg.data.eval_split}' split")
+    return None
+
+
+def total_steps(cfg: TrainConfig, micro_batches_per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, else ``schedule.num_epochs`` over the training data."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.floor(cfg.schedule.num_epochs * micro_batches_per_epoch / grad_accum))
+
+
 def _read_manifest(cfg: TrainConfig, key: str, path: str) -> dict[str, Any]:
-    manifest = os.path.join(path, "manifest.json")
+    """The manifest prepare wrote in ``path`` (``data.shards.read_manifest``), errors placed at ``key``."""
     if not os.path.isdir(path):
-        raise TrainConfigError(f"{where_of(cfg, key)}: {key}={path!r}: data directory not found "
-                               f"(prepare it with data_prep/prepare.py)")
-    if not os.path.isfile(manifest):
-        raise TrainConfigError(f"{where_of(cfg, key)}: {key}={path!r} has no manifest.json: not a prepared "
-                               f"data directory")
+        raise cfg.error(key, f"{key}={path!r}: data directory not found (prepare it with data_prep/prepare.py)")
     try:
-        with open(manifest, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise TrainConfigError(f"{manifest}:{e.lineno}: invalid JSON: {e.msg}") from None
+        return read_manifest(path)
+    except DataError as e:
+        raise cfg.error(key, f"{key}: {e}") from None
 
 
 def _split_len(cfg: TrainConfig, key: str, data_dir: str, split: str) -> int:
@@ -73,7 +221,7 @@ def _split_len(cfg: TrainConfig, key: str, data_dir: str, split: str) -> int:
     try:
         return len(PackedDataset(data_dir, split=split))
     except (KeyError, ValueError, FileNotFoundError) as e:
-        raise TrainConfigError(f"{where_of(cfg, key)}: {key}={data_dir!r}, split {split!r}: {e}") from None
+        raise cfg.error(key, f"{key}={data_dir!r}, split {split!r}: {e}") from None
 
 
 def has_split(data_dir: str, split: str) -> bool:
@@ -83,129 +231,3 @@ def has_split(data_dir: str, split: str) -> bool:
         return len(PackedDataset(data_dir, split=split)) > 0
     except (KeyError, ValueError, FileNotFoundError):
         return False
-
-
-def _positive(cfg: TrainConfig, key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise TrainConfigError(f"{where_of(cfg, key)}: '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def check_expert_parallel(cfg: TrainConfig, adapter_config, world_size: int, stage: int, shards_base: bool) -> None:
-    """``parallel.expert_parallel_size`` against the adapter, the world size and the ZeRO setup."""
-    ep = cfg.parallel.expert_parallel_size
-    key = "parallel.expert_parallel_size"
-    where = where_of(cfg, key)
-    if ep < 1:
-        raise TrainConfigError(f"{where}: '{key}' must be >= 1 (1 = off), got {ep}")
-    if ep == 1:
-        return
-    if adapter_config.peft_type != "MIXLORA":
-        raise TrainConfigError(f"{where}: {key}={ep} needs a MixLoRA adapter (experts to share out); "
-                               f"adapter.peft_type is {adapter_config.peft_type}")
-    if adapter_config.num_experts % ep:
-        raise TrainConfigError(f"{where}: {key}={ep} does not divide adapter.num_experts="
-                               f"{adapter_config.num_experts}; each rank of a group must own as many experts")
-    if world_size % ep:
-        raise TrainConfigError(f"{where}: {key}={ep} does not divide the world size {world_size}; expert-parallel "
-                               f"groups are {ep} consecutive ranks")
-    if stage == 3 and not shards_base:
-        raise TrainConfigError(f"{where}: {key}={ep} does not work with deepspeed.zero3_impl: deepspeed (DeepSpeed's "
-                               f"stage-3 engine refuses mixture-of-experts layers); use deepspeed.zero3_impl: "
-                               f"mixlora_ds (the default), which shards the frozen base the same way")
-    if stage == 0:
-        raise TrainConfigError(f"{where}: {key}={ep} needs ZeRO stage 1, 2 or 3 in the DeepSpeed config "
-                               f"({cfg.deepspeed.config}); it has zero_optimization.stage 0")
-
-
-def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> RunPlan:
-    from mixlora_ds.train.build import adapter_config_for, check_adapter_targets, hf_config_for
-    from mixlora_ds.train.schedule import warmup_steps_for
-
-    device = device or accelerator_name()
-    # Scalars first: cheap, and they explain most mistakes.
-    _positive(cfg, "batch.micro_batch_size", cfg.batch.micro_batch_size)
-    _positive(cfg, "batch.global_batch_size", cfg.batch.global_batch_size)
-    _positive(cfg, "optim.lr", cfg.optim.lr)
-    _positive(cfg, "optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
-    _positive(cfg, "optim.max_grad_norm", cfg.optim.max_grad_norm, allow_zero=True)
-    _positive(cfg, "checkpoint.keep_last", cfg.checkpoint.keep_last)
-    _positive(cfg, "checkpoint.every_steps", cfg.checkpoint.every_steps, allow_zero=True)
-    _positive(cfg, "logging.every_steps", cfg.logging.every_steps)
-    _positive(cfg, "deepspeed.zero3_prefetch_layers", cfg.deepspeed.zero3_prefetch_layers, allow_zero=True)
-    _positive(cfg, "eval.every_steps", cfg.eval.every_steps, allow_zero=True)
-    _positive(cfg, "schedule.warmup_steps", cfg.schedule.warmup_steps, allow_zero=True)
-    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
-        raise TrainConfigError(f"{where_of(cfg, 'optim.betas')}: optim.betas must be two numbers in [0, 1)")
-    if not 0 <= cfg.schedule.warmup_ratio < 1:
-        raise TrainConfigError(f"{where_of(cfg, 'schedule.warmup_ratio')}: schedule.warmup_ratio must be in [0, 1)")
-    if not 0 <= cfg.schedule.min_lr_ratio <= 1:
-        raise TrainConfigError(f"{where_of(cfg, 'schedule.min_lr_ratio')}: schedule.min_lr_ratio must be in [0, 1]")
-    if cfg.max_steps is not None:
-        _positive(cfg, "max_steps", cfg.max_steps)
-    _positive(cfg, "schedule.num_epochs", cfg.schedule.num_epochs)
-    if cfg.logging.peak_tflops is not None:
-        _positive(cfg, "logging.peak_tflops", cfg.logging.peak_tflops)
-    if cfg.model.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
-        raise TrainConfigError(f"{where_of(cfg, 'model.attn_implementation')}: model.attn_implementation must be "
-                               f"sdpa, eager, flash_attention_2 or flash_attention_3")
-    if device == "cpu" and cfg.model.attn_implementation.startswith("flash"):
-        raise TrainConfigError(f"{where_of(cfg, 'model.attn_implementation')}: flash attention needs a GPU; "
-                               f"use sdpa on CPU")
-
-    precision = resolve_precision(cfg, device)
-    adapter_config = adapter_config_for(cfg)
-    hf_config = hf_config_for(cfg)
-    check_adapter_targets(cfg, hf_config, adapter_config)
-    ds_config = resolve_ds_config(cfg, world_size, getattr(hf_config, "hidden_size", None), device)
-    stage = zero_stage(ds_config)
-    grad_accum = ds_config["gradient_accumulation_steps"]
-    shards_base = shards_base_itself(cfg, ds_config)
-    engine_config = engine_ds_config(cfg, ds_config)
-    if cfg.model.compile and stage == 3 and not shards_base:
-        raise TrainConfigError(f"{where_of(cfg, 'model.compile')}: model.compile does not work with "
-                               f"deepspeed.zero3_impl: deepspeed (DeepSpeed's stage-3 parameter hooks run inside "
-                               f"the compiled layers); use zero3_impl: mixlora_ds, or model.compile: false")
-    check_expert_parallel(cfg, adapter_config, world_size, stage, shards_base)
-    if shards_base and cfg.deepspeed.zero3_gather_transport == "copy_engine" and device != "cuda":
-        # (whether every rank shares one host is checked when the base is sharded: it takes a collective)
-        raise TrainConfigError(f"{where_of(cfg, 'deepspeed.zero3_gather_transport')}: "
-                               f"deepspeed.zero3_gather_transport=copy_engine needs CUDA GPUs, this run is on "
-                               f"{device}; use auto or nccl")
-
-    if not cfg.data.train_dir:
-        raise TrainConfigError(f"{where_of(cfg, 'data.train_dir')}: data.train_dir is required")
-    manifest = _read_manifest(cfg, "data.train_dir", cfg.data.train_dir)
-    n_train = _split_len(cfg, "data.train_dir", cfg.data.train_dir, cfg.data.train_split)
-    per_rank = n_train // world_size if cfg.data.drop_last else math.ceil(n_train / world_size)
-    mb_per_epoch = per_rank // cfg.batch.micro_batch_size
-    if mb_per_epoch < 1:
-        raise TrainConfigError(
-            f"{where_of(cfg, 'data.train_dir')}: {n_train} packed training sequences cannot fill one "
-            f"micro-batch of {cfg.batch.micro_batch_size} on each of {world_size} ranks"
-        )
-    seq_len = manifest.get("seq_len") or manifest.get("max_seq_len")
-    if cfg.max_steps is not None:
-        total = cfg.max_steps
-    else:
-        total = max(1, math.floor(cfg.schedule.num_epochs * mb_per_epoch / grad_accum))
-
-    eval_dir = None
-    if cfg.data.eval_dir:
-        _read_manifest(cfg, "data.eval_dir", cfg.data.eval_dir)
-        _split_len(cfg, "data.eval_dir", cfg.data.eval_dir, cfg.data.eval_split)
-        eval_dir = cfg.data.eval_dir
-    elif has_split(cfg.data.train_dir, cfg.data.eval_split):
-        eval_dir = cfg.data.train_dir
-    elif cfg.eval.every_steps > 0:
-        raise TrainConfigError(
-            f"{where_of(cfg, 'eval.every_steps')}: eval.every_steps={cfg.eval.every_steps} but there is no "
-            f"held-out data: set data.eval_dir or prepare an '{cfg.data.eval_split}' split"
-        )
-    datasets = [("data.train_dir", cfg.data.train_dir, manifest, cfg.data.train_split)]
-    if eval_dir is not None:
-        eval_key = "data.eval_dir" if cfg.data.eval_dir else "data.train_dir"
-        datasets.append((eval_key, eval_dir, _read_manifest(cfg, eval_key, eval_dir), cfg.data.eval_split))
-    check_data_fits_model(cfg, hf_config, datasets)
-    warmup = warmup_steps_for(cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio, total)
-    return RunPlan(cfg, world_size, device, precision, stage, ds_config, engine_config, shards_base, hf_config,
-                   adapter_config, grad_accum, n_train, seq_len, mb_per_epoch, total, warmup, eval_dir, manifest)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mixlora_ds.train.config import TrainConfig, TrainConfigError, where_of
+from mixlora_ds.train.config import TrainConfig, TrainConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def model_tokenizer_fingerprint(cfg: TrainConfig) -> dict[str, Any] | None:
     try:
         return tokenizer_fingerprint(load_tokenizer(path), path)
     except DataError as e:
-        raise TrainConfigError(f"{where_of(cfg, key)}: {key}: {e}") from None
+        raise cfg.error(key, f"{key}: {e}") from None
 
 
 def describe(fp: dict[str, Any]) -> str:
@@ -67,7 +67,7 @@ def check_tokenizer(cfg: TrainConfig, key: str, data_dir: str, manifest: dict[st
     data_fp = manifest.get("tokenizer")
     if expected is None or not isinstance(data_fp, dict) or same_tokenization(data_fp, expected):
         return
-    message = (f"{where_of(cfg, key)}: {key}={data_dir!r} was prepared with tokenizer "
+    message = (f"{cfg.where(key)}: {key}={data_dir!r} was prepared with tokenizer "
                f"{describe(data_fp)}, but {expected_name} is {describe(expected)}: "
                f"they give different token ids for the same text")
     if cfg.data.allow_tokenizer_mismatch:
@@ -76,7 +76,7 @@ def check_tokenizer(cfg: TrainConfig, key: str, data_dir: str, manifest: dict[st
     raise TrainConfigError(
         f"{message}. Prepare the data again with --tokenizer {expected.get('path')}, or use the model "
         f"and tokenizer the data was prepared for; to train on this data on purpose, set {ALLOW_KEY}: true "
-        f"(or --{ALLOW_KEY} true)")
+        f"(or --{ALLOW_KEY} true)", key=key)
 
 
 def check_token_ids(cfg: TrainConfig, key: str, data_dir: str, manifest: dict[str, Any], split: str,
@@ -90,8 +90,8 @@ def check_token_ids(cfg: TrainConfig, key: str, data_dir: str, manifest: dict[st
     largest = max_token_id(data_dir, manifest, split)
     if largest is not None and largest >= vocab_size:
         tok = manifest.get("tokenizer", {})
-        raise TrainConfigError(
-            f"{where_of(cfg, key)}: {key}={data_dir!r}, split {split!r}: the largest token id is {largest}, "
+        raise cfg.error(
+            key, f"{key}={data_dir!r}, split {split!r}: the largest token id is {largest}, "
             f"but the model's embedding has {vocab_size} rows (vocab_size); the data was prepared with "
             f"tokenizer {tok.get('path')} ({tok.get('vocab_size')} tokens). Use a model whose vocabulary "
             f"covers that tokenizer (vocab_size >= {largest + 1}), or prepare the data with the model's "

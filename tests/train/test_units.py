@@ -51,7 +51,7 @@ def test_command_line_overrides(tmp_path):
     cfg = load_config(path, ["--optim.lr", "3e-4", "--batch.global_batch_size=16", "--adapter.target_modules",
                              "[q_proj, v_proj]", "--deepspeed.overrides", "{zero_optimization: {stage: 2}}"])
     assert cfg.optim.lr == 3e-4 and cfg.batch.global_batch_size == 16
-    assert cfg.adapter["target_modules"] == ["q_proj", "v_proj"]
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
     assert cfg.deepspeed.overrides == {"zero_optimization": {"stage": 2}}
     with pytest.raises(TrainConfigError, match=r"command line --optim\.bogus: unknown key"):
         load_config(path, ["--optim.bogus", "1"])

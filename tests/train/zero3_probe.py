@@ -73,7 +73,7 @@ def main(config_path: str, out_dir: str) -> None:
     plan = make_plan(cfg, dist.world_size())
     dist.init_distributed(1)
     whole = WholeWatch()
-    built = build_model(cfg, plan.ds_config, plan.precision, plan.stage)
+    built = build_model(plan)
     # Before the engine exists: the base is already sharded, nothing gathered.
     frozen_before = held_frozen(built, built.model)
     gathered_before = gathered_units(built) if built.sharded_base is not None else None
