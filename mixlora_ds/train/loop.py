@@ -245,10 +245,12 @@ class Trainer:
         batches = [self.train_stream.next() for _ in range(plan.grad_accum)]
         # One all-reduce per step carries the answer-token count and any rank's stop request (a
         # signal may reach ranks at different times; all must stop at the same step).
-        local = torch.tensor([float(sum(answer_token_count(b) for b in batches)),
-                              1.0 if self.stop.requested else 0.0], dtype=torch.float64, device=self.device)
+        local = torch.tensor([float(sum(answer_token_count(b) for b in batches)), *self.stop.votes()],
+                             dtype=torch.float64, device=self.device)
         dist.all_reduce_(local)
-        if local[1].item() > 0:
+        votes = local[1:].tolist()
+        if any(votes):
+            self.stop.adopt(votes)
             return False
         global_tokens = local[0]
         scale = self.world * plan.grad_accum / global_tokens.clamp_min(1.0)

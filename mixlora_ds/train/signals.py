@@ -26,6 +26,8 @@ EXIT_RESUMABLE = 75
 """Exit status of a run stopped early with a checkpoint saved: resume it (``--resume auto``).
 75 is EX_TEMPFAIL of sysexits.h, "temporary failure, try again"."""
 WATCH_INTERVAL_S = 0.5
+LAUNCHER_EXITED = "launcher exited"
+REASONS = tuple(f"signal {sig.name}" for sig in STOP_SIGNALS) + (LAUNCHER_EXITED,)
 
 
 class StopRequest:
@@ -59,12 +61,25 @@ class StopRequest:
         while not self._closed.wait(WATCH_INTERVAL_S):
             if os.getppid() != parent_pid or not all(_alive(p) for p in watched):
                 if self.reason is None:
-                    self.reason = "launcher exited"
+                    self.reason = LAUNCHER_EXITED
                 return
 
     @property
     def requested(self) -> bool:
         return self.reason is not None
+
+    def votes(self) -> list[float]:
+        """This rank's stop request as one-hot counts over ``REASONS`` (all zero: none), for the
+        all-reduce that makes the ranks agree."""
+        return [1.0 if self.reason == r else 0.0 for r in REASONS]
+
+    def adopt(self, counts: list[float]) -> None:
+        """After the all-reduce of ``votes``: a rank that saw nothing itself takes the reason most
+        ranks saw, so every rank logs and saves the same one (ranks notice at different times)."""
+        if self.reason is None:
+            best = max(range(len(REASONS)), key=lambda i: counts[i])
+            if counts[best] > 0:
+                self.reason = REASONS[best]
 
     @property
     def cause(self) -> str:

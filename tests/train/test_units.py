@@ -208,3 +208,27 @@ def test_heatmap_image():
     img = heatmap_image([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]], cell=4)
     assert img.shape == (8, 16, 3) and img.dtype.name == "uint8"
     assert tuple(img[0, 0]) != tuple(img[0, 15])  # load 0.5 and 0.0 get different colours
+
+
+def test_ranks_agree_on_one_stop_reason():
+    # Ranks notice a stop at different times; after the step's all-reduce of their votes every rank
+    # logs and saves the same reason, also the ones that saw nothing themselves.
+    from mixlora_ds.train.signals import LAUNCHER_EXITED, StopRequest
+
+    ranks = [StopRequest() for _ in range(3)]
+    ranks[1].reason = LAUNCHER_EXITED
+    summed = [sum(v) for v in zip(*(r.votes() for r in ranks))]
+    for r in ranks:
+        r.adopt(summed)
+    assert [r.reason for r in ranks] == [LAUNCHER_EXITED] * 3
+    quiet = [StopRequest(), StopRequest()]
+    for r in quiet:
+        r.adopt([sum(v) for v in zip(*(q.votes() for q in quiet))])
+    assert [r.reason for r in quiet] == [None, None]
+    mixed = [StopRequest(), StopRequest(), StopRequest()]
+    mixed[0].reason, mixed[1].reason = "signal SIGTERM", "signal SIGTERM"
+    mixed[2].reason = LAUNCHER_EXITED  # a rank keeps what it saw itself
+    summed = [sum(v) for v in zip(*(r.votes() for r in mixed))]
+    for r in mixed:
+        r.adopt(summed)
+    assert [r.reason for r in mixed] == ["signal SIGTERM", "signal SIGTERM", LAUNCHER_EXITED]
