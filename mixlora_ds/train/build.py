@@ -70,6 +70,8 @@ def build_model(plan: ModelPlan) -> BuiltModel:
     # random): reseed so every rank and a single-process run draw the same adapter.
     torch.manual_seed(cfg.seed)
     inject_mixlora(model, cfg.adapter)
+    if cfg.model.init_adapter:
+        _load_initial_adapter(model, cfg.model.init_adapter)
     layers = decoder_layers(model)
     expert_parallel = _share_out_experts(model, cfg)
     trainable = _trainable_parameters(model, base_ids)
@@ -106,6 +108,14 @@ def _frozen_base(plan: ModelPlan, dtype: torch.dtype) -> nn.Module:
         model = AutoModelForCausalLM.from_config(copy.deepcopy(plan.hf_config), **kwargs)
     model.config.use_cache = False
     return model
+
+
+def _load_initial_adapter(model: nn.Module, path: str) -> None:
+    """Every rank loads the whole adapter (before experts are shared out, so each keeps its own)."""
+    from mixlora_ds.adapter_io import load_adapter_weights, read_adapter_weights
+
+    load_adapter_weights(model, read_adapter_weights(path), source=path)
+    logging.getLogger(__name__).info("adapter initialised from %s", path)
 
 
 def _share_out_experts(model: nn.Module, cfg: TrainConfig):

@@ -89,6 +89,11 @@ class ModelSection:
     bottleneck"). Any ZeRO stage, except ZeRO-3 with ``deepspeed.zero3_impl: deepspeed``, whose
     parameter hooks run inside the layers."""
     trust_remote_code: bool = False
+    init_adapter: str | None = None
+    """An adapter directory (reference format, e.g. an earlier run's ``adapter``) to start from
+    instead of a fresh initialisation: its config must describe the same adapter as ``adapter``
+    (type, rank, alpha, experts, routing, targets). Under expert parallelism each rank takes its own
+    experts from it. Optimizer state starts fresh; to continue a run exactly, resume its checkpoint."""
 
 
 @dataclass

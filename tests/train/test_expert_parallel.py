@@ -93,6 +93,35 @@ def test_resume_into_another_world_size_is_refused_by_name(ep4_dp2_run, assets, 
     assert not (out / "adapter").exists()
 
 
+def test_an_adapter_loaded_into_an_ep_run_hands_each_rank_its_experts(reference_run, assets, runs_root):
+    """model.init_adapter: an EP-2 run starting from the reference run's exported adapter trains exactly
+    as a run without EP from the same adapter, and not as a fresh start."""
+    start = str(reference_run.out_dir / "adapter")
+    runs = {}
+    for name, parallel in (("init_no_ep", {}), ("init_ep2", {"expert_parallel_size": 2})):
+        out = runs_root / name
+        cfg = run_config(assets, out, max_steps=4, parallel=parallel or {"expert_parallel_size": 1})
+        cfg["model"]["init_adapter"] = start
+        runs[name] = run_training(2, write_config(cfg, runs_root / f"{name}.yaml"), out)
+        assert_ok(runs[name])
+        assert f"adapter initialised from {start}" in runs[name].output
+    assert_same_run(runs["init_ep2"], runs["init_no_ep"])
+    # Not a fresh start: the first loss is the trained adapter's, far below the reference run's first.
+    assert runs["init_ep2"].metrics()[1]["loss"] < reference_run.metrics()[1]["loss"] - 0.1
+
+
+def test_an_initial_adapter_of_another_shape_is_refused_by_name(reference_run, assets, tmp_path):
+    cfg = run_config(assets, tmp_path / "run", adapter__num_experts=8)
+    cfg["model"]["init_adapter"] = str(reference_run.out_dir / "adapter")
+    path = write_config(cfg, tmp_path / "init.yaml")
+    env = launch_env(tmp_path)
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    p = subprocess.run([sys.executable, TRAIN, "--config", str(path), "--validate-only"], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "has num_experts=4, the run's adapter.num_experts is 8" in p.stderr and f"{path}:" in p.stderr
+
+
 def test_resume_without_ep_into_ep_is_refused(reference_run, assets, runs_root):
     out = runs_root / "no_ep_to_ep"
     (out / "checkpoints").mkdir(parents=True)
