@@ -8,20 +8,19 @@ The base comes from a local Hugging Face directory, or from a model config (a pr
 "tiny", a config.json path, or a mapping) with random weights drawn from a seed: the same config and
 seed always give the same weights, so an adapter trained on such a base can be evaluated later.
 Adapters (MixLoRA, LoRA or DoRA; reference-format files included) are checked against the model
-before loading, so a missing file or an adapter for another architecture fails with a message that
-says which file, key or shape is wrong.
+before loading (``mixlora_ds.adapter_check``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from mixlora_ds.adapter_io import AdapterError
+from mixlora_ds.adapter_check import check_adapter
+from mixlora_ds.adapter_io import load_mixlora_adapter
 from mixlora_ds.eval.scoring import encode_prompt, pad_batch, pad_token_id
 from mixlora_ds.utils.jsonfile import load_json
 
@@ -182,112 +181,8 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 # ------------------------------------------------------------------------------------- adapters
-_LORA_KEY = re.compile(
-    r"layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>[A-Za-z0-9_]+)\."
-    r"(?:experts\.(?P<expert>\d+)\.)?lora_(?P<ab>[AB])(?:\.default)?\.weight$"
-)
-# The router: "layers.{i}.mlp.moe_gate.weight" (reference) or "layers.{i}.gate.weight" (legacy m-LoRA).
-_GATE_KEY = re.compile(r"layers\.(?P<layer>\d+)\.(?:mlp\.moe_gate|gate)\.weight$")
-
-
-def _read_weights(adapter_dir: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    from mixlora_ds.adapter_io import BIN_NAME, SAFETENSORS_NAME, read_adapter_weights
-
-    name = SAFETENSORS_NAME if (adapter_dir / SAFETENSORS_NAME).is_file() else BIN_NAME
-    try:
-        return str(adapter_dir / name), read_adapter_weights(adapter_dir)
-    except AdapterError:
-        raise
-    except Exception as e:  # a truncated or foreign file
-        raise AdapterError(f"{adapter_dir / name}: cannot read adapter weights ({type(e).__name__}: {e})") from None
-
-
-def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
-    """(out, in) of a Linear-like module, also when ZeRO-3 has partitioned its weight."""
-    w = getattr(module, "weight", None)
-    if w is None:
-        base = getattr(module, "base_layer", None)  # an already-wrapped projection
-        return _linear_shape(base) if base is not None else None
-    shape = tuple(getattr(w, "ds_shape", w.shape))
-    return (int(shape[0]), int(shape[1])) if len(shape) == 2 else None
-
-
-def check_adapter(model, adapter_dir: str | os.PathLike):
-    """Validate ``adapter_dir`` against ``model`` before anything is injected; returns its config.
-
-    Checks the files exist and parse, every target projection exists in the model, and every saved
-    tensor fits the module it belongs to (layer index, in/out features, rank, router width).
-    """
-    from mixlora_ds.adapter_io import CONFIG_NAME, read_adapter_config
-
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise AdapterError(f"{adapter_dir}: adapter directory not found")
-    config_path = adapter_dir / CONFIG_NAME
-    config = read_adapter_config(adapter_dir)
-    weights_path, weights = _read_weights(adapter_dir)
-    if not weights:
-        raise AdapterError(f"{weights_path}: holds no tensors")
-
-    layers = model.get_decoder().layers
-    model_type = getattr(model.config, "model_type", "?")
-    hidden = int(model.config.hidden_size)
-    where = f"{weights_path}"
-    for target in config.target_modules:
-        if not any(hasattr(getattr(layer, blk, None), target) for layer in layers for blk in ("self_attn", "mlp")):
-            raise AdapterError(
-                f"{config_path}: target module {target!r} does not exist in the base model "
-                f"(model_type {model_type!r}); the adapter was made for another architecture"
-            )
-    matched = 0
-    for key, tensor in weights.items():
-        m = _LORA_KEY.search(key)
-        g = _GATE_KEY.search(key)
-        if g:
-            layer = int(g["layer"])
-            if layer >= len(layers):
-                raise AdapterError(f"{where}: key {key!r} is for layer {layer}, the base model has {len(layers)} layers")
-            if tensor.ndim != 2 or tensor.shape[1] != hidden:
-                raise AdapterError(
-                    f"{where}: router {key!r} has shape {tuple(tensor.shape)}, expected [num_experts, {hidden}] "
-                    f"for this base model (hidden size {hidden})"
-                )
-            if config.is_mixlora and tensor.shape[0] != config.num_experts:
-                raise AdapterError(f"{where}: router {key!r} has {tensor.shape[0]} experts, config says {config.num_experts}")
-            matched += 1
-            continue
-        if not m:
-            continue
-        layer = int(m["layer"])
-        if layer >= len(layers):
-            raise AdapterError(f"{where}: key {key!r} is for layer {layer}, the base model has {len(layers)} layers")
-        block = getattr(layers[layer], m["block"])
-        module = getattr(block, m["proj"], None)
-        shape = _linear_shape(module) if module is not None else None
-        if shape is None:
-            raise AdapterError(
-                f"{where}: key {key!r} names {m['block']}.{m['proj']}, which the base model "
-                f"(model_type {model_type!r}) does not have; the adapter was made for another architecture"
-            )
-        out_f, in_f = shape
-        r = config.expert_settings().r if m["expert"] is not None else config.r
-        expected = (r, in_f) if m["ab"] == "A" else (out_f, r)
-        if tuple(tensor.shape) != expected:
-            raise AdapterError(
-                f"{where}: {key!r} has shape {tuple(tensor.shape)}, expected {list(expected)} for "
-                f"layers.{layer}.{m['block']}.{m['proj']} ({in_f} -> {out_f}) at rank {r}; the adapter was "
-                f"trained on a base model of another size (hidden {hidden} here)"
-            )
-        matched += 1
-    if matched == 0:
-        raise AdapterError(f"{where}: no LoRA or router tensors found (keys start {list(weights)[:3]})")
-    return config
-
-
 def attach_adapter(model, adapter_dir: str | os.PathLike):
     """Check ``adapter_dir`` against ``model``, inject and load it in place; returns the model in eval mode."""
-    from mixlora_ds import load_mixlora_adapter
-
     check_adapter(model, adapter_dir)
     model = load_mixlora_adapter(model, str(adapter_dir))
     model.eval()
