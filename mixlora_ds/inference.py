@@ -4,9 +4,9 @@
     model, tok = load_for_inference("path/to/base", adapter="runs/x/adapter")
     print(generate(model, tok, ["Please answer ... Answer:"], max_new_tokens=8))
 
-The base comes from a local Hugging Face directory, or from a model config (a preset name such as
-"tiny", a config.json path, or a mapping) with random weights drawn from a seed: the same config and
-seed always give the same weights, so an adapter trained on such a base can be evaluated later.
+The base comes from a local Hugging Face directory, or from a model config with random weights drawn
+from a seed (``mixlora_ds.model.presets``: a preset name such as "tiny", a config.json path, a run
+YAML or a mapping), so an adapter trained on such a base can be evaluated later.
 Adapters (MixLoRA, LoRA or DoRA; reference-format files included) are checked against the model
 before loading (``mixlora_ds.adapter_check``).
 """
@@ -22,39 +22,7 @@ import torch
 from mixlora_ds.adapter_check import check_adapter
 from mixlora_ds.adapter_io import load_mixlora_adapter
 from mixlora_ds.eval.scoring import encode_prompt, pad_batch, pad_token_id
-from mixlora_ds.utils.jsonfile import load_json
-
-
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # The project's embedded default: tiny enough for CPU tests, LLaMA-shaped (GQA, SwiGLU). The same
-    # model as configs/tiny.yaml's model.config (a test holds them equal), initializer_range included.
-    "tiny": dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    ),
-    # LLaMA-2-7B's shapes, for benchmarks with random weights.
-    "llama2-7b": dict(
-        model_type="llama",
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    ),
-}
+from mixlora_ds.model.presets import build_model_from_config
 
 
 # ------------------------------------------------------------------------------- device and dtype
@@ -80,58 +48,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 # ---------------------------------------------------------------------------------- base models
-def model_config_from(spec: str | os.PathLike | Mapping[str, Any], **overrides: Any):
-    """A transformers config from a preset name, a config.json path (or model directory), a training
-    run YAML (its ``model.config``) or a mapping with ``model_type``."""
-    from transformers import AutoConfig
-
-    if isinstance(spec, (str, os.PathLike)) and str(spec) in MODEL_PRESETS:
-        d = dict(MODEL_PRESETS[str(spec)])
-    elif isinstance(spec, (str, os.PathLike)) and Path(spec).suffix in (".yaml", ".yml"):
-        from mixlora_ds.train.config import load_config
-
-        run_model = load_config(str(spec)).model
-        if run_model.config is None:
-            raise ValueError(f"{spec}: model.config is not set (this run loads {run_model.name_or_path!r})")
-        return model_config_from(run_model.config, **overrides)
-    elif isinstance(spec, (str, os.PathLike)):
-        path = Path(spec)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ValueError(f"model config {spec!r} is neither a preset {sorted(MODEL_PRESETS)} nor a file")
-        d = load_json(path, ValueError)
-    else:
-        d = dict(spec)
-    d.update({k: v for k, v in overrides.items() if v is not None})
-    if "model_type" not in d:
-        raise ValueError(f"model config {spec!r}: field 'model_type' is required")
-    model_type = d.pop("model_type")
-    try:
-        return AutoConfig.for_model(model_type, **d)
-    except ValueError as e:
-        raise ValueError(f"model config {spec!r}: {e}") from None
-
-
-def build_model_from_config(
-    spec: str | os.PathLike | Mapping[str, Any],
-    *,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    **overrides: Any,
-):
-    """A causal LM with random weights. Weights are drawn in fp32 on the CPU from ``seed`` and only then
-    cast and moved, so the same config and seed give the same base on every machine and dtype."""
-    from transformers import AutoModelForCausalLM
-
-    config = model_config_from(spec, **overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.to(device=device, dtype=dtype)
-
-
 def load_base_model(
     name_or_path: str | os.PathLike | None = None,
     *,

@@ -17,7 +17,7 @@ from mixlora_ds.eval.scoring import (
     pad_batch,
     split_continuation,
 )
-from mixlora_ds.inference import build_model_from_config
+from mixlora_ds.model.presets import build_model_from_config
 
 from .conftest import make_tokenizer, task_records, tiny_config, write_jsonl
 
