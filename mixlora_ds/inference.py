@@ -6,9 +6,9 @@
 
 The base comes from a local Hugging Face directory, or from a model config with random weights drawn
 from a seed (``mixlora_ds.model.presets``: a preset name such as "tiny", a config.json path, a run
-YAML or a mapping), so an adapter trained on such a base can be evaluated later.
-Adapters (MixLoRA, LoRA or DoRA; reference-format files included) are checked against the model
-before loading (``mixlora_ds.adapter_check``).
+YAML or a mapping), so an adapter trained on such a base can be evaluated later. Adapters (MixLoRA,
+LoRA or DoRA; reference-format files included) are checked against the model before loading
+(``mixlora_ds.adapter_check``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 
 from mixlora_ds.adapter_check import check_adapter
 from mixlora_ds.adapter_io import load_mixlora_adapter
-from mixlora_ds.eval.scoring import encode_prompt, pad_batch, pad_token_id
+from mixlora_ds.data.prompt_batch import encode_prompt, pad_batch
+from mixlora_ds.data.tokenizer_io import ensure_pad_token, find_tokenizer_dir, load_tokenizer, pad_id_of
 from mixlora_ds.model.presets import build_model_from_config
 
 
@@ -47,7 +48,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return names[dtype]
 
 
-# ---------------------------------------------------------------------------------- base models
+# -------------------------------------------------------------------------------------- loading
 def load_base_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -82,21 +83,6 @@ def load_base_model(
     return model
 
 
-def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise ValueError(f"{path}: tokenizer directory not found")
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token_id is None:
-        # The reference pads with unk, then eos; either is masked out of attention.
-        fallback = tok.unk_token if tok.unk_token is not None else tok.eos_token
-        if fallback is not None:
-            tok.pad_token = fallback
-    return tok
-
-
-# ------------------------------------------------------------------------------------- adapters
 def attach_adapter(model, adapter_dir: str | os.PathLike):
     """Check ``adapter_dir`` against ``model``, inject and load it in place; returns the model in eval mode."""
     check_adapter(model, adapter_dir)
@@ -105,15 +91,6 @@ def attach_adapter(model, adapter_dir: str | os.PathLike):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def find_tokenizer_dir(*candidates: str | os.PathLike | None) -> Path | None:
-    """The first candidate directory that holds a tokenizer."""
-    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    for c in candidates:
-        if c is not None and any((Path(c) / n).is_file() for n in names):
-            return Path(c)
-    return None
 
 
 def load_for_inference(
@@ -139,7 +116,7 @@ def load_for_inference(
     tok_dir = find_tokenizer_dir(tokenizer, base, adapter)
     if tok_dir is None:
         raise ValueError(f"no tokenizer found: give a tokenizer directory (looked in {tokenizer!r}, {base!r}, {adapter!r})")
-    tok = load_tokenizer(tok_dir)
+    tok = ensure_pad_token(load_tokenizer(tok_dir))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model = load_base_model(base, model_config=model_config, seed=seed, dtype=dt, device=dev)
@@ -233,7 +210,7 @@ def generate(
     """Continuations of ``prompts`` (greedy unless ``do_sample``), decoded without special tokens."""
     if not prompts:
         return []
-    pad_id = pad_token_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [encode_prompt(tokenizer, p, add_bos=add_bos) for p in prompts[start : start + batch_size]]

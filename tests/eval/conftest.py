@@ -120,7 +120,7 @@ def tok_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tok_dir):
-    from mixlora_ds.inference import load_tokenizer
+    from mixlora_ds.data.tokenizer_io import load_tokenizer
 
     return load_tokenizer(tok_dir)
 
