@@ -165,7 +165,8 @@ def eval_workload(n: int, min_len: int, max_len: int, vocab: int, seed: int) -> 
 def eval_throughput(model, seqs: list[list[int]], batch_size: int, device: torch.device, profile: bool) -> dict:
     """The evaluator's scoring loop on pre-tokenised prompts; returns examples/s."""
     from mixlora_ds.eval.router_profile import ExpertLoadProfiler
-    from mixlora_ds.eval.scoring import last_token_logits, pad_batch, pick_labels
+    from mixlora_ds.data.prompt_batch import pad_batch
+    from mixlora_ds.eval.scoring import last_token_logits, pick_labels
 
     label_ids_L = torch.arange(100, 100 + LABELS)
     profiler = ExpertLoadProfiler(model if profile else None)

@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     from mixlora_ds.data.sample_data import write_sample_data
     from mixlora_ds.eval.report import markdown_table
     from mixlora_ds.eval.tasks_io import read_records
-    from mixlora_ds.inference import load_tokenizer, resolve_device, resolve_dtype
+    from mixlora_ds.data.tokenizer_io import load_tokenizer
+    from mixlora_ds.inference import resolve_device, resolve_dtype
     from mixlora_ds.utils.atomic import atomic_write_text
 
     if args.threads:

@@ -68,5 +68,4 @@ step "5/5 evaluate on the held-out split: base alone, then base + adapter"
     --data-dir "$OUT/sample" --split eval --scoring label-loglik --method mixlora \
     --output "$OUT/eval_adapter.json" --markdown "$OUT/eval_adapter.md" --no-progress
 echo
-cat "$OUT/eval_base.md" "$OUT/eval_adapter.md"
 echo "done in $(( $(date +%s) - t0 ))s: adapter $OUT/run/adapter, TensorBoard $OUT/run/tensorboard"

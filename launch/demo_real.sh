@@ -70,11 +70,10 @@ step "4/5 held-out accuracy: base alone, then base + adapter"
 
 step "5/5 a general question, before and after fine-tuning: $QUESTION"
 "$PY" launch/generate.py --base-model "$OUT/base" --chat --prompt "$QUESTION" --max-new-tokens 32 \
-    --output "$OUT/answer_base.jsonl"
+    --output "$OUT/answer_base.jsonl" --no-progress
 "$PY" launch/generate.py --base-model "$OUT/base" --adapter "$OUT/run/adapter" --tokenizer "$OUT/base" \
-    --chat --prompt "$QUESTION" --max-new-tokens 32 --output "$OUT/answer_adapter.jsonl"
+    --chat --prompt "$QUESTION" --max-new-tokens 32 --output "$OUT/answer_adapter.jsonl" --no-progress
 echo
-cat "$OUT/eval_base.md" "$OUT/eval_adapter.md"
 "$PY" -c "import json, sys
 for name, f in (('base', sys.argv[1]), ('base + adapter', sys.argv[2])):
     print(f'{name:>15}: {json.loads(open(f).readline())[\"completion\"]!r}')" \

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--step", type=int, default=0, help="TensorBoard step (e.g. the checkpoint's)")
     out.add_argument("--method", help="row name in the table (default: the adapter directory name)")
     out.add_argument("--save-predictions", action="store_true", help="per-example predictions in the JSON")
-    out.add_argument("--no-progress", action="store_true")
+    out.add_argument("--no-progress", action="store_true",
+                     help="no progress bars (neither the evaluation's nor transformers' weight loading)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p
 
@@ -156,6 +157,10 @@ def _run(args, rank: int, world: int) -> int:
     try:
         # Tasks first: a typo in a task name should not cost a model load.
         tasks = _load_tasks(args)
+        if args.no_progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # transformers' bars ("Loading weights") have their own switch
         from mixlora_ds.inference import load_for_inference
 
         t0 = time.perf_counter()

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="write JSONL {prompt, completion} here instead of printing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while transformers loads the weights")
     return p
 
 
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             prompts += read_prompts(args.prompts_file)
         if not prompts:
             raise ValueError("no prompts: give --prompt or --prompts-file")
+        if args.no_progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # transformers' bars ("Loading weights") have their own switch
         model, tokenizer = load_for_inference(
             args.base_model, adapter=args.adapter, model_config=args.model_config, tokenizer=args.tokenizer,
             seed=args.model_seed, dtype=args.dtype, device=args.device, merge_lora=not args.no_merge_lora,

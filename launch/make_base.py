@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except GGUFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from mixlora_ds.inference import build_model_from_config
+    from mixlora_ds.model.presets import build_model_from_config
     from mixlora_ds.utils.atomic import atomic_directory
 
     spec, seed = args.model_config, args.seed

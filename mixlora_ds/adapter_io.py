@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,11 +33,59 @@ BIN_NAME = "adapter_model.bin"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
-_LEGACY_EXPERT_PROJ = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}
+_MIXLORA_LAYER = re.compile(r"mixlora\.layers\.(\d+)\.(.+)")
 
 
 class AdapterError(ValueError):
     """An adapter directory that cannot be loaded into this model; the message says why and where."""
+
+
+# -------------------------------------------------------------------------------------- file keys
+# What follows "layers.{i}." in a file key. The router: "mlp.moe_gate.weight" (reference) or
+# "gate.weight" (legacy m-LoRA <= 0.3). Expert tensors: "mlp.{proj}.experts.{j}..." (reference) or
+# "experts.{j}.{proj}..." (legacy, with w1/w2/w3 projection names).
+_ROUTER = re.compile(r"(?:mlp\.moe_gate|gate)\.weight")
+_EXPERT = re.compile(r"mlp\.(?P<proj>\w+)\.experts\.(?P<expert>\d+)\."
+                     r"(?:(?P<kind>lora_A|lora_B)\.weight|lora_magnitude_vector)")
+_LEGACY_EXPERT = re.compile(r"experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<kind>lora_A|lora_B)\.weight")
+_LEGACY_EXPERT_PROJ = {"w1_proj": "gate_proj", "w2_proj": "down_proj", "w3_proj": "up_proj"}
+_LORA = re.compile(r"(?P<block>self_attn|mlp)\.(?P<proj>\w+)\."
+                   r"(?:(?P<kind>lora_A|lora_B)\.weight|lora_magnitude_vector)")
+
+
+@dataclass(frozen=True)
+class TensorKey:
+    """What one tensor of an adapter file is, read from its key."""
+
+    layer: int
+    """Decoder layer index."""
+    block: str
+    """"self_attn" or "mlp"."""
+    proj: str | None
+    """The projection it adapts, by the model's name; None for the router."""
+    expert: int | None
+    """Expert index of an expert LoRA tensor."""
+    kind: str
+    """"lora_A", "lora_B", "lora_magnitude_vector" (DoRA) or "router"."""
+
+
+def parse_tensor_key(key: str) -> TensorKey | None:
+    """The tensor a file key names, whatever comes before ``layers.{i}.`` (``mixlora.``, PEFT's
+    ``base_model.model.model.``); None for a key of no known kind."""
+    m = _LAYER.search(key)
+    if m is None:
+        return None
+    layer, rest = int(m.group(1)), m.group(2)
+    if _ROUTER.fullmatch(rest):
+        return TensorKey(layer, "mlp", None, None, "router")
+    e = _EXPERT.fullmatch(rest) or _LEGACY_EXPERT.fullmatch(rest)
+    if e is not None:
+        proj = _LEGACY_EXPERT_PROJ.get(e["proj"], e["proj"])
+        return TensorKey(layer, "mlp", proj, int(e["expert"]), e["kind"] or "lora_magnitude_vector")
+    p = _LORA.fullmatch(rest)
+    if p is not None:
+        return TensorKey(layer, p["block"], p["proj"], None, p["kind"] or "lora_magnitude_vector")
+    return None
 
 
 # ----------------------------------------------------------------------------------- name mapping
@@ -112,26 +161,19 @@ def _full_shape(p: torch.Tensor) -> torch.Size:
 
 
 def _model_name_for(key: str, config: MixLoraConfig):
+    """This model's parameter name for a file key; (stacked name, expert index) for an expert's row."""
     if not config.is_mixlora:
         return key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else None
-    m = re.fullmatch(r"mixlora\.layers\.(\d+)\.(.+)", key)
+    m = _MIXLORA_LAYER.fullmatch(key)
     if m is None:
         return None
     layer, rest = m.groups()
     base = f"model.layers.{layer}."
-    if rest in ("mlp.moe_gate.weight", "gate.weight"):  # current and legacy (m-LoRA <= 0.3) router
+    t = parse_tensor_key(key)
+    if t is not None and t.kind == "router":
         return base + "mlp.router.weight"
-    e = re.fullmatch(r"mlp\.(\w+)\.experts\.(\d+)\.(lora_A|lora_B)\.weight", rest) or re.fullmatch(
-        r"experts\.(\d+)\.(\w+)\.(lora_A|lora_B)\.weight", rest
-    )
-    if e is not None:
-        a, b, kind = e.groups()
-        proj, j = (a, b) if rest.startswith("mlp.") else (b, a)
-        proj = _LEGACY_EXPERT_PROJ.get(proj, proj)
-        return (base + f"mlp.experts.{proj}.{kind}", int(j))
-    d = re.fullmatch(r"mlp\.(\w+)\.experts\.(\d+)\.lora_magnitude_vector", rest)
-    if d is not None:
-        return (base + f"mlp.experts.{d.group(1)}.lora_magnitude_vector", int(d.group(2)))
+    if t is not None and t.expert is not None:
+        return (base + f"mlp.experts.{t.proj}.{t.kind}", t.expert)
     return base + rest
 
 
@@ -199,16 +241,22 @@ def save_mixlora_adapter(model: nn.Module, out_dir: str | os.PathLike) -> None:
     write_adapter(out_dir, _config_of(model), adapter_state_dict(model))
 
 
-def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+def adapter_weights_file(adapter_dir: str | os.PathLike) -> Path:
+    """The weights file that is read: safetensors when there is one, else the ``.bin``."""
     adapter_dir = Path(adapter_dir)
-    st, binary = adapter_dir / SAFETENSORS_NAME, adapter_dir / BIN_NAME
-    if st.is_file():
+    for path in (adapter_dir / SAFETENSORS_NAME, adapter_dir / BIN_NAME):
+        if path.is_file():
+            return path
+    raise AdapterError(f"{adapter_dir}: no {SAFETENSORS_NAME} or {BIN_NAME} found")
+
+
+def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = adapter_weights_file(adapter_dir)
+    if path.name == SAFETENSORS_NAME:
         from safetensors.torch import load_file
 
-        return load_file(str(st))
-    if binary.is_file():
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise AdapterError(f"{adapter_dir}: no {SAFETENSORS_NAME} or {BIN_NAME} found")
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_mixlora_adapter(model: nn.Module, adapter_dir: str | os.PathLike, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -4,58 +4,26 @@
     model, tok = load_for_inference("path/to/base", adapter="runs/x/adapter")
     print(generate(model, tok, ["Please answer ... Answer:"], max_new_tokens=8))
 
-The base comes from a local Hugging Face directory, or from a model config (a preset name such as
-"tiny", a config.json path, or a mapping) with random weights drawn from a seed: the same config and
-seed always give the same weights, so an adapter trained on such a base can be evaluated later.
-Adapters (MixLoRA, LoRA or DoRA; reference-format files included) are checked against the model
-before loading, so a missing file or an adapter for another architecture fails with a message that
-says which file, key or shape is wrong.
+The base comes from a local Hugging Face directory, or from a model config with random weights drawn
+from a seed (``mixlora_ds.model.presets``: a preset name such as "tiny", a config.json path, a run
+YAML or a mapping), so an adapter trained on such a base can be evaluated later. Adapters (MixLoRA,
+LoRA or DoRA; reference-format files included) are checked against the model before loading
+(``mixlora_ds.adapter_check``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from mixlora_ds.adapter_io import AdapterError
-from mixlora_ds.eval.scoring import encode_prompt, pad_batch, pad_token_id
-from mixlora_ds.utils.jsonfile import load_json
-
-
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # The project's embedded default: tiny enough for CPU tests, LLaMA-shaped (GQA, SwiGLU). The same
-    # model as configs/tiny.yaml's model.config (a test holds them equal), initializer_range included.
-    "tiny": dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    ),
-    # LLaMA-2-7B's shapes, for benchmarks with random weights.
-    "llama2-7b": dict(
-        model_type="llama",
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    ),
-}
+from mixlora_ds.adapter_check import check_adapter
+from mixlora_ds.adapter_io import load_mixlora_adapter
+from mixlora_ds.data.prompt_batch import encode_prompt, pad_batch
+from mixlora_ds.data.tokenizer_io import ensure_pad_token, find_tokenizer_dir, load_tokenizer, pad_id_of
+from mixlora_ds.model.presets import build_model_from_config
 
 
 # ------------------------------------------------------------------------------- device and dtype
@@ -80,59 +48,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return names[dtype]
 
 
-# ---------------------------------------------------------------------------------- base models
-def model_config_from(spec: str | os.PathLike | Mapping[str, Any], **overrides: Any):
-    """A transformers config from a preset name, a config.json path (or model directory), a training
-    run YAML (its ``model.config``) or a mapping with ``model_type``."""
-    from transformers import AutoConfig
-
-    if isinstance(spec, (str, os.PathLike)) and str(spec) in MODEL_PRESETS:
-        d = dict(MODEL_PRESETS[str(spec)])
-    elif isinstance(spec, (str, os.PathLike)) and Path(spec).suffix in (".yaml", ".yml"):
-        from mixlora_ds.train.config import load_config
-
-        run_model = load_config(str(spec)).model
-        if run_model.config is None:
-            raise ValueError(f"{spec}: model.config is not set (this run loads {run_model.name_or_path!r})")
-        return model_config_from(run_model.config, **overrides)
-    elif isinstance(spec, (str, os.PathLike)):
-        path = Path(spec)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise ValueError(f"model config {spec!r} is neither a preset {sorted(MODEL_PRESETS)} nor a file")
-        d = load_json(path, ValueError)
-    else:
-        d = dict(spec)
-    d.update({k: v for k, v in overrides.items() if v is not None})
-    if "model_type" not in d:
-        raise ValueError(f"model config {spec!r}: field 'model_type' is required")
-    model_type = d.pop("model_type")
-    try:
-        return AutoConfig.for_model(model_type, **d)
-    except ValueError as e:
-        raise ValueError(f"model config {spec!r}: {e}") from None
-
-
-def build_model_from_config(
-    spec: str | os.PathLike | Mapping[str, Any],
-    *,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    **overrides: Any,
-):
-    """A causal LM with random weights. Weights are drawn in fp32 on the CPU from ``seed`` and only then
-    cast and moved, so the same config and seed give the same base on every machine and dtype."""
-    from transformers import AutoModelForCausalLM
-
-    config = model_config_from(spec, **overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.to(device=device, dtype=dtype)
-
-
+# -------------------------------------------------------------------------------------- loading
 def load_base_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -167,142 +83,14 @@ def load_base_model(
     return model
 
 
-def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise ValueError(f"{path}: tokenizer directory not found")
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token_id is None:
-        # The reference pads with unk, then eos; either is masked out of attention.
-        fallback = tok.unk_token if tok.unk_token is not None else tok.eos_token
-        if fallback is not None:
-            tok.pad_token = fallback
-    return tok
-
-
-# ------------------------------------------------------------------------------------- adapters
-_LORA_KEY = re.compile(
-    r"layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>[A-Za-z0-9_]+)\."
-    r"(?:experts\.(?P<expert>\d+)\.)?lora_(?P<ab>[AB])(?:\.default)?\.weight$"
-)
-# The router: "layers.{i}.mlp.moe_gate.weight" (reference) or "layers.{i}.gate.weight" (legacy m-LoRA).
-_GATE_KEY = re.compile(r"layers\.(?P<layer>\d+)\.(?:mlp\.moe_gate|gate)\.weight$")
-
-
-def _read_weights(adapter_dir: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    from mixlora_ds.adapter_io import BIN_NAME, SAFETENSORS_NAME, read_adapter_weights
-
-    name = SAFETENSORS_NAME if (adapter_dir / SAFETENSORS_NAME).is_file() else BIN_NAME
-    try:
-        return str(adapter_dir / name), read_adapter_weights(adapter_dir)
-    except AdapterError:
-        raise
-    except Exception as e:  # a truncated or foreign file
-        raise AdapterError(f"{adapter_dir / name}: cannot read adapter weights ({type(e).__name__}: {e})") from None
-
-
-def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
-    """(out, in) of a Linear-like module, also when ZeRO-3 has partitioned its weight."""
-    w = getattr(module, "weight", None)
-    if w is None:
-        base = getattr(module, "base_layer", None)  # an already-wrapped projection
-        return _linear_shape(base) if base is not None else None
-    shape = tuple(getattr(w, "ds_shape", w.shape))
-    return (int(shape[0]), int(shape[1])) if len(shape) == 2 else None
-
-
-def check_adapter(model, adapter_dir: str | os.PathLike):
-    """Validate ``adapter_dir`` against ``model`` before anything is injected; returns its config.
-
-    Checks the files exist and parse, every target projection exists in the model, and every saved
-    tensor fits the module it belongs to (layer index, in/out features, rank, router width).
-    """
-    from mixlora_ds.adapter_io import CONFIG_NAME, read_adapter_config
-
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise AdapterError(f"{adapter_dir}: adapter directory not found")
-    config_path = adapter_dir / CONFIG_NAME
-    config = read_adapter_config(adapter_dir)
-    weights_path, weights = _read_weights(adapter_dir)
-    if not weights:
-        raise AdapterError(f"{weights_path}: holds no tensors")
-
-    layers = model.get_decoder().layers
-    model_type = getattr(model.config, "model_type", "?")
-    hidden = int(model.config.hidden_size)
-    where = f"{weights_path}"
-    for target in config.target_modules:
-        if not any(hasattr(getattr(layer, blk, None), target) for layer in layers for blk in ("self_attn", "mlp")):
-            raise AdapterError(
-                f"{config_path}: target module {target!r} does not exist in the base model "
-                f"(model_type {model_type!r}); the adapter was made for another architecture"
-            )
-    matched = 0
-    for key, tensor in weights.items():
-        m = _LORA_KEY.search(key)
-        g = _GATE_KEY.search(key)
-        if g:
-            layer = int(g["layer"])
-            if layer >= len(layers):
-                raise AdapterError(f"{where}: key {key!r} is for layer {layer}, the base model has {len(layers)} layers")
-            if tensor.ndim != 2 or tensor.shape[1] != hidden:
-                raise AdapterError(
-                    f"{where}: router {key!r} has shape {tuple(tensor.shape)}, expected [num_experts, {hidden}] "
-                    f"for this base model (hidden size {hidden})"
-                )
-            if config.is_mixlora and tensor.shape[0] != config.num_experts:
-                raise AdapterError(f"{where}: router {key!r} has {tensor.shape[0]} experts, config says {config.num_experts}")
-            matched += 1
-            continue
-        if not m:
-            continue
-        layer = int(m["layer"])
-        if layer >= len(layers):
-            raise AdapterError(f"{where}: key {key!r} is for layer {layer}, the base model has {len(layers)} layers")
-        block = getattr(layers[layer], m["block"])
-        module = getattr(block, m["proj"], None)
-        shape = _linear_shape(module) if module is not None else None
-        if shape is None:
-            raise AdapterError(
-                f"{where}: key {key!r} names {m['block']}.{m['proj']}, which the base model "
-                f"(model_type {model_type!r}) does not have; the adapter was made for another architecture"
-            )
-        out_f, in_f = shape
-        r = config.expert_settings().r if m["expert"] is not None else config.r
-        expected = (r, in_f) if m["ab"] == "A" else (out_f, r)
-        if tuple(tensor.shape) != expected:
-            raise AdapterError(
-                f"{where}: {key!r} has shape {tuple(tensor.shape)}, expected {list(expected)} for "
-                f"layers.{layer}.{m['block']}.{m['proj']} ({in_f} -> {out_f}) at rank {r}; the adapter was "
-                f"trained on a base model of another size (hidden {hidden} here)"
-            )
-        matched += 1
-    if matched == 0:
-        raise AdapterError(f"{where}: no LoRA or router tensors found (keys start {list(weights)[:3]})")
-    return config
-
-
 def attach_adapter(model, adapter_dir: str | os.PathLike):
     """Check ``adapter_dir`` against ``model``, inject and load it in place; returns the model in eval mode."""
-    from mixlora_ds import load_mixlora_adapter
-
     check_adapter(model, adapter_dir)
     model = load_mixlora_adapter(model, str(adapter_dir))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def find_tokenizer_dir(*candidates: str | os.PathLike | None) -> Path | None:
-    """The first candidate directory that holds a tokenizer."""
-    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    for c in candidates:
-        if c is not None and any((Path(c) / n).is_file() for n in names):
-            return Path(c)
-    return None
 
 
 def load_for_inference(
@@ -328,7 +116,7 @@ def load_for_inference(
     tok_dir = find_tokenizer_dir(tokenizer, base, adapter)
     if tok_dir is None:
         raise ValueError(f"no tokenizer found: give a tokenizer directory (looked in {tokenizer!r}, {base!r}, {adapter!r})")
-    tok = load_tokenizer(tok_dir)
+    tok = ensure_pad_token(load_tokenizer(tok_dir))
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model = load_base_model(base, model_config=model_config, seed=seed, dtype=dt, device=dev)
@@ -422,7 +210,7 @@ def generate(
     """Continuations of ``prompts`` (greedy unless ``do_sample``), decoded without special tokens."""
     if not prompts:
         return []
-    pad_id = pad_token_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [encode_prompt(tokenizer, p, add_bos=add_bos) for p in prompts[start : start + batch_size]]

@@ -1,4 +1,4 @@
-"""Loading a local Hugging Face tokenizer directory, and fingerprinting it.
+"""Finding and loading a local Hugging Face tokenizer directory, its padding id, and its fingerprint.
 
 Prepared data is only valid with the tokenizer that produced it, so the manifest stores a
 fingerprint: a hash of the tokenizer's files plus a hash of the ids it gives for a fixed probe
@@ -19,6 +19,12 @@ from mixlora_ds.data.errors import DataError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "spiece.model", "vocab.json",
                    "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json")
+
+# Any of these marks a directory as holding a tokenizer.
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+# Special tokens that stand in for padding, in the reference's order.
+_PAD_FALLBACK = ("pad", "unk", "eos")
 
 PROBE_TEXT = ("Please choose the correct answer to the question: Which is warmer? (A) ice (B) fire"
               "\nAnswer: B  ### Response:\n tabs\tand\nnewlines, digits 0123456789, café, 日本.")
@@ -45,14 +51,34 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     return tok
 
 
+def find_tokenizer_dir(*candidates: str | os.PathLike | None) -> Path | None:
+    """The first candidate directory that holds a tokenizer."""
+    for c in candidates:
+        if c is not None and any((Path(c) / n).is_file() for n in _TOKENIZER_MARKERS):
+            return Path(c)
+    return None
+
+
 def pad_id_of(tok: Any) -> int:
-    """Padding id for packed rows: pad, else unk, else eos, else 0 (padding is never attended by
-    real tokens nor trained, so any valid id works)."""
-    for name in ("pad_token_id", "unk_token_id", "eos_token_id"):
-        value = getattr(tok, name, None)
+    """Padding id: pad, else unk, else eos (the reference's order), else 0. Padding is never
+    attended by real tokens nor trained, so any valid id works."""
+    for name in _PAD_FALLBACK:
+        value = getattr(tok, f"{name}_token_id", None)
         if value is not None:
             return int(value)
     return 0
+
+
+def ensure_pad_token(tok: Any) -> Any:
+    """Give ``tok`` a pad token when it has none: the one ``pad_id_of`` pads with (unk, else eos), so
+    code that pads through the tokenizer itself pads as this package does. Returns ``tok``."""
+    if tok.pad_token_id is None:
+        for name in _PAD_FALLBACK[1:]:
+            token = getattr(tok, f"{name}_token", None)
+            if token is not None:
+                tok.pad_token = token
+                break
+    return tok
 
 
 def tokenizer_fingerprint(tok: Any, path: str | os.PathLike) -> dict[str, Any]:

@@ -6,10 +6,11 @@
     print(result.accuracy, result.expert_load["share_std_mean"])
 """
 
+from mixlora_ds.data.prompt_batch import pad_batch
 from mixlora_ds.eval.evaluator import SCORINGS, EvalOptions, TaskResult, evaluate_task, evaluate_tasks
 from mixlora_ds.eval.report import markdown_table, results_document, write_json, write_tensorboard
 from mixlora_ds.eval.router_profile import ExpertLoadProfiler
-from mixlora_ds.eval.scoring import label_token_ids, last_token_logits, pad_batch
+from mixlora_ds.eval.scoring import label_token_ids, last_token_logits
 from mixlora_ds.eval.tasks_io import (
     BUILTIN_TASKS,
     EvalExample,

@@ -15,15 +15,14 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from mixlora_ds.data.prompt_batch import encode_prompt, pad_batch
+from mixlora_ds.data.tokenizer_io import pad_id_of
 from mixlora_ds.eval.router_profile import ExpertLoadProfiler
 from mixlora_ds.eval.scoring import (
     continuation_logprobs,
-    encode_prompt,
     label_context_mismatches,
     label_token_ids,
     last_token_logits,
-    pad_batch,
-    pad_token_id,
     pick_labels,
     split_continuation,
     truncate,
@@ -126,7 +125,7 @@ def _score_logits(model, tokenizer, task: EvalTask, shard: Sequence[int], opts: 
             stacklevel=2,
         )
     column = {lab: i for i, lab in enumerate(universe)}
-    pad_id = pad_token_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     device = _model_device(model)
 
     encoded = [encode_prompt(tokenizer, examples[i].prompt, add_bos=opts.add_bos) for i in shard]
@@ -160,7 +159,7 @@ def _candidates(ex, scoring: str) -> tuple[tuple[str, ...], tuple[str, ...], int
 def _score_loglik(model, tokenizer, task: EvalTask, shard: Sequence[int], opts: EvalOptions,
                   profiler: ExpertLoadProfiler, is_main: bool) -> list[_Row]:
     examples = task.examples
-    pad_id = pad_token_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     device = _model_device(model)
     seqs: list[list[int]] = []
     cont_lens: list[int] = []

@@ -29,7 +29,7 @@ ALLOW_KEY = "data.allow_tokenizer_mismatch"
 def model_tokenizer_dir(cfg: TrainConfig) -> tuple[str, str] | None:
     """(directory, config key) of the model's tokenizer: ``model.tokenizer``, else a tokenizer
     saved in ``model.name_or_path``; None when the model has none (random weights from a config)."""
-    from mixlora_ds.inference import find_tokenizer_dir
+    from mixlora_ds.data.tokenizer_io import find_tokenizer_dir
 
     if cfg.model.tokenizer:
         return cfg.model.tokenizer, "model.tokenizer"

@@ -120,7 +120,7 @@ def tok_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tok_dir):
-    from mixlora_ds.inference import load_tokenizer
+    from mixlora_ds.data.tokenizer_io import load_tokenizer
 
     return load_tokenizer(tok_dir)
 
@@ -138,7 +138,7 @@ def randomize_adapter(model, std: float = 0.3, seed: int = 1) -> None:
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory, tokenizer, tok_dir) -> Path:
     """A save_pretrained'd tiny base with the tokenizer beside it."""
-    from mixlora_ds.inference import build_model_from_config
+    from mixlora_ds.model.presets import build_model_from_config
 
     d = tmp_path_factory.mktemp("base")
     build_model_from_config(tiny_config(tokenizer), seed=7).save_pretrained(str(d))

@@ -9,7 +9,7 @@ import torch
 
 from mixlora_ds.data.templates import TASKS
 from mixlora_ds.eval import BUILTIN_TASKS, EvalOptions, TaskError, evaluate_task, find_task_file, load_task
-from mixlora_ds.eval.scoring import encode_prompt, pad_batch
+from mixlora_ds.data.prompt_batch import encode_prompt, pad_batch
 from mixlora_ds.model.stats import routing_statistics
 
 from .conftest import task_records, write_jsonl

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixlora_ds.eval.scoring import encode_prompt
+from mixlora_ds.data.prompt_batch import encode_prompt
 from mixlora_ds.inference import generate, generate_ids, load_for_inference
 
 PROMPTS = [

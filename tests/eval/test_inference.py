@@ -10,15 +10,12 @@ import pytest
 import torch
 import yaml
 
+from mixlora_ds.adapter_check import check_adapter
 from mixlora_ds.adapter_io import AdapterError
-from mixlora_ds.eval.scoring import encode_prompt, last_token_logits, pad_batch
-from mixlora_ds.inference import (
-    MODEL_PRESETS,
-    build_model_from_config,
-    check_adapter,
-    load_base_model,
-    load_for_inference,
-)
+from mixlora_ds.data.prompt_batch import encode_prompt, pad_batch
+from mixlora_ds.eval.scoring import last_token_logits
+from mixlora_ds.inference import load_base_model, load_for_inference
+from mixlora_ds.model.presets import MODEL_PRESETS, build_model_from_config
 
 from .conftest import TINY, make_adapter, randomize_adapter, tiny_config
 

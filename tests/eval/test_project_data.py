@@ -14,9 +14,11 @@ import warnings
 import pytest
 import torch
 
+from mixlora_ds.data.prompt_batch import encode_prompt
+from mixlora_ds.data.tokenizer_io import load_tokenizer
 from mixlora_ds.eval import BUILTIN_TASKS, EvalOptions, evaluate_task, find_task_file, load_task
-from mixlora_ds.eval.scoring import encode_prompt
-from mixlora_ds.inference import build_model_from_config, load_for_inference, load_tokenizer
+from mixlora_ds.inference import load_for_inference
+from mixlora_ds.model.presets import build_model_from_config
 
 from .conftest import TINY, make_adapter
 

@@ -6,18 +6,17 @@ import pytest
 import torch
 import torch.nn as nn
 
+from mixlora_ds.data.prompt_batch import encode_prompt, pad_batch
 from mixlora_ds.data.templates import TASKS
 from mixlora_ds.eval import EvalOptions, evaluate_task, load_task
 from mixlora_ds.eval.scoring import (
     continuation_logprobs,
-    encode_prompt,
     label_context_mismatches,
     label_token_ids,
     last_token_logits,
-    pad_batch,
     split_continuation,
 )
-from mixlora_ds.inference import build_model_from_config
+from mixlora_ds.model.presets import build_model_from_config
 
 from .conftest import make_tokenizer, task_records, tiny_config, write_jsonl
 
@@ -150,7 +149,7 @@ def test_continuation_logprobs_match_direct_sum(mixlora_model, tokenizer):
 def test_prompts_start_with_the_tokenizers_own_prefix_and_never_end_with_eos(tmp_path, project_tok_dir):
     from tokenizers import processors
 
-    from mixlora_ds.inference import load_tokenizer
+    from mixlora_ds.data.tokenizer_io import load_tokenizer
 
     text = "Please answer: is it?\nAnswer:"
     llama_like = load_tokenizer(project_tok_dir)  # adds BOS by itself, like LLaMA's

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mixlora_ds import MixLoraConfig, inject_mixlora, save_mixlora_adapter
-from mixlora_ds.inference import load_base_model, load_tokenizer
+from mixlora_ds.data.tokenizer_io import load_tokenizer
+from mixlora_ds.inference import load_base_model
 from tests.reference_oracle import attach_reference_adapter
 
 pytestmark = pytest.mark.slow
