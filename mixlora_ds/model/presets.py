@@ -90,7 +90,9 @@ def run_model_config(path: str | os.PathLike) -> Mapping[str, Any] | str:
     try:
         run = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
     model = run.get("model") if isinstance(run, dict) else None
     model = model if isinstance(model, dict) else {}
     config = model.get("config")

@@ -97,3 +97,33 @@ def test_generate_cli_matches_api(base_dir, mixlora_dir, tokenizer, mixlora_mode
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == PROMPTS
     assert [r["completion"] for r in rows] == generate(mixlora_model, tokenizer, PROMPTS, max_new_tokens=8)
+
+
+def test_no_progress_hides_the_model_loading_bars(base_dir, mixlora_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    def stderr_of(*flags: str) -> str:
+        cmd = [sys.executable, str(REPO / "launch/generate.py"), "--base-model", str(base_dir), "--adapter",
+               str(mixlora_dir), "--prompt", "Hi", "--max-new-tokens", "2", "--dtype", "float32", "--device", "cpu",
+               "--output", str(tmp_path / "gen.jsonl"), *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    assert "Loading weights" in stderr_of()  # transformers draws it by default
+    assert "Loading weights" not in stderr_of("--no-progress")
+
+
+def test_a_run_file_given_as_model_config_names_its_bad_line(tmp_path):
+    import pytest
+
+    from mixlora_ds.model.presets import run_model_config
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("model:\n  config: {model_type: llama\n  other: [\n")
+    with pytest.raises(ValueError, match=rf"{bad}:3: invalid YAML"):
+        run_model_config(bad)
