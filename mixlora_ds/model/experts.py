@@ -31,7 +31,7 @@ from mixlora_ds.config import LoraSettings
 from mixlora_ds.model.dispatch import RoutedTokens
 from mixlora_ds.model.lora import cached_for_inference, init_lora_A_
 from mixlora_ds.model.pair_math import PairMath, activate, run_compiled
-from mixlora_ds.zero import gathered
+from mixlora_ds.model.partitioned import gathered
 
 EXPERT_ATTR = "mixlora_expert"
 """Set (True) on every expert parameter: expert parallelism shards, reduces, clips and checkpoints

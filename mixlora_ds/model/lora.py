@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from mixlora_ds.config import LoraSettings
-from mixlora_ds.zero import gathered
+from mixlora_ds.model.partitioned import gathered
 
 
 def init_lora_A_(weight: torch.Tensor, settings: LoraSettings) -> None:

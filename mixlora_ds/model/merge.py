@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from mixlora_ds.model.lora import LoraLinear
 from mixlora_ds.model.moe import moe_blocks
-from mixlora_ds.zero import is_partitioned
+from mixlora_ds.model.partitioned import is_partitioned
 
 
 @torch.no_grad()

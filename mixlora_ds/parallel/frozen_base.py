@@ -53,6 +53,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
+from mixlora_ds.model.partitioned import gathered
 from mixlora_ds.parallel.flat_shard import FlatShard
 
 
@@ -243,8 +244,6 @@ def frozen_params(module: nn.Module, exclude: set[int] = frozenset()) -> list[nn
 
 def _shard_unit(name: str, params: list[nn.Parameter], group, dtype: torch.dtype | None, transport: str) -> Unit:
     """Copy our slices of ``params`` (gathering ZeRO-3-partitioned ones), then own the parameters."""
-    from mixlora_ds.zero import gathered
-
     by_kind: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = defaultdict(list)
     for p in params:
         by_kind[(dtype or p.dtype, p.device)].append(p)
@@ -260,7 +259,7 @@ def _shard_unit(name: str, params: list[nn.Parameter], group, dtype: torch.dtype
 
 def _forget_zero3(p: nn.Parameter) -> None:
     """Drop what ``deepspeed.zero.Init`` attached to a parameter (its partition included), so
-    DeepSpeed and ``mixlora_ds.zero`` treat it as an ordinary tensor from now on."""
+    DeepSpeed and its gatherer (``gatherers.py``) treat it as an ordinary tensor from now on."""
     zero_init_attrs = {"all_gather", "all_gather_coalesced", "partition", "reduce_gradients_at_owner",
                        "partition_gradients", "aligned_size", "padding_size", "partition_numel", "item",
                        "convert_to_zero_parameters", "is_external_param", "nvme_swapper"}
