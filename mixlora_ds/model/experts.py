@@ -13,12 +13,13 @@ row, the weighted sum of its experts' outputs:
   kernel) shares the frozen work: ``W1 x`` / ``W3 x`` run once per row, and the frozen down
   projection runs once per row on the weight-mixed intermediates, exact by linearity:
   ``sum_e w_e (W2 + s B2_e A2_e) h_e = W2 (sum_e w_e h_e) + sum_e w_e s B2_e A2_e h_e``.
-  That fold, with its bias correction, lives here and only here; the per-pair functions return the
-  mixed intermediate and the mixed output-LoRA delta. The per-pair part is recomputed in backward,
-  so activation memory stays near plain LoRA.
+  The per-pair functions return the mixed intermediate and the mixed output-LoRA delta; the frozen
+  W2 and its bias correction are applied here. The per-pair part is recomputed in backward, so
+  activation memory stays near plain LoRA.
 - the fused inference form (``fused_ffn.py``) for frozen adapters.
 
-DoRA's rescaling is ``dora.py``'s, shared with ``LoraLinear``.
+The fold's mixing and bias correction are ``mixing.py``'s, shared by the folded paths and the fused
+form; DoRA's rescaling is ``dora.py``'s, shared with ``LoraLinear``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from mixlora_ds.config import LoraSettings
 from mixlora_ds.model import dora
 from mixlora_ds.model.dispatch import RoutedTokens
 from mixlora_ds.model.lora import cached_for_inference, init_lora_A_
+from mixlora_ds.model.mixing import add_folded_bias
 from mixlora_ds.model.pair_math import PairMath, activate, run_compiled
 
 EXPERT_ATTR = "mixlora_expert"
@@ -179,8 +181,3 @@ def folded_ffn(ffn: FFNShape, stacks: nn.ModuleDict, tokens: RoutedTokens, num_e
     if out_proj.bias is not None:
         y_ND = add_folded_bias(y_ND, tokens.weight_NK, out_proj.bias.detach())
     return y_ND
-
-
-def add_folded_bias(y_ND: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The fold applied W2's bias once; the experts' outputs weighted by w sum to (sum w) b."""
-    return y_ND + (weight_NK.sum(-1, keepdim=True) - 1).to(y_ND.dtype) * bias

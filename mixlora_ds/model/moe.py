@@ -1,7 +1,7 @@
 """The MixLoRA block that replaces a decoder layer's feed-forward module.
 
 route -> dispatch -> expert compute -> combine; each stage lives in its own module (router.py,
-dispatch.py, experts.py with pair_math.py and fused_ffn.py) and is tested on its own. The
+dispatch.py, experts.py with pair_math.py, mixing.py and fused_ffn.py) and is tested on its own. The
 dispatcher is handed in (``LocalDispatcher`` unless the trainer installs an expert-parallel one);
 expert compute runs over the experts this block holds.
 """
