@@ -302,8 +302,8 @@ def check_sharded(built, ids) -> dict:
     import torch
 
     from mixlora_ds import dist
+    from mixlora_ds.model.partitioned import gathered
     from mixlora_ds.parallel.frozen_base import frozen_params
-    from mixlora_ds.zero import gathered
 
     model, vocab = built.model, built.model.config.vocab_size
     model.eval()

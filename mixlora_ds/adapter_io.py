@@ -24,9 +24,9 @@ import torch.nn as nn
 
 from mixlora_ds.config import ConfigError, MixLoraConfig
 from mixlora_ds.model.inject import inject_mixlora
+from mixlora_ds.model.partitioned import gathered
 from mixlora_ds.utils.atomic import atomic_directory
 from mixlora_ds.utils.jsonfile import load_json
-from mixlora_ds.zero import gathered
 
 CONFIG_NAME = "adapter_config.json"
 BIN_NAME = "adapter_model.bin"

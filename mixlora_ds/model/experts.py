@@ -13,10 +13,13 @@ row, the weighted sum of its experts' outputs:
   kernel) shares the frozen work: ``W1 x`` / ``W3 x`` run once per row, and the frozen down
   projection runs once per row on the weight-mixed intermediates, exact by linearity:
   ``sum_e w_e (W2 + s B2_e A2_e) h_e = W2 (sum_e w_e h_e) + sum_e w_e s B2_e A2_e h_e``.
-  That fold, with its bias correction, lives here and only here; the per-pair functions return the
-  mixed intermediate and the mixed output-LoRA delta. The per-pair part is recomputed in backward,
-  so activation memory stays near plain LoRA.
+  The per-pair functions return the mixed intermediate and the mixed output-LoRA delta; the frozen
+  W2 and its bias correction are applied here. The per-pair part is recomputed in backward, so
+  activation memory stays near plain LoRA.
 - the fused inference form (``fused_ffn.py``) for frozen adapters.
+
+The fold's mixing and bias correction are ``mixing.py``'s, shared by the folded paths and the fused
+form; DoRA's rescaling is ``dora.py``'s, shared with ``LoraLinear``.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from mixlora_ds.config import LoraSettings
+from mixlora_ds.model import dora
 from mixlora_ds.model.dispatch import RoutedTokens
 from mixlora_ds.model.lora import cached_for_inference, init_lora_A_
+from mixlora_ds.model.mixing import add_folded_bias
 from mixlora_ds.model.pair_math import PairMath, activate, run_compiled
-from mixlora_ds.zero import gathered
 
 EXPERT_ATTR = "mixlora_expert"
 """Set (True) on every expert parameter: expert parallelism shards, reduces, clips and checkpoints
@@ -98,28 +102,21 @@ class ExpertLoraStack(nn.Module):
         a = self.dropout(x_NK.to(self.lora_A.dtype))
         return ((a @ self.lora_A[e].t()) @ self.lora_B[e].t() * self.scaling).to(x_NK.dtype)
 
-    def weight_norm(self, e: int, base: nn.Linear) -> torch.Tensor:
-        with gathered([base.weight]):
-            w = base.weight.to(self.lora_A.dtype) + self.scaling * (self.lora_B[e] @ self.lora_A[e])
-            return torch.linalg.vector_norm(w, dim=1)
-
     @torch.no_grad()
     def init_dora(self, base: nn.Linear) -> None:
+        """Start every expert's magnitudes at its adapted weight's row norms (``dora.py``)."""
         for e in range(self.num_experts):
-            self.lora_magnitude_vector[e].copy_(self.weight_norm(e, base))
+            magnitude = dora.initial_magnitude(base.weight, self.lora_A[e], self.lora_B[e], self.scaling)
+            self.lora_magnitude_vector[e].copy_(magnitude)
 
     def apply_expert(self, e: int, base: nn.Linear, x_NK: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` of this projection, frozen part included (the loop path)."""
-        out = base(x_NK) + self.expert_delta(e, x_NK)
+        base_NO, delta_NO = base(x_NK), self.expert_delta(e, x_NK)
         if self.lora_magnitude_vector is None:
-            return out
-        scale = self.lora_magnitude_vector[e] / self.weight_norm(e, base).detach()
-        bias = base.bias
-        if bias is None:
-            return (scale * out).to(x_NK.dtype)
-        with gathered([bias]):
-            b = bias.detach().clone()
-        return (scale * (out - b) + b).to(x_NK.dtype)
+            return base_NO + delta_NO
+        # W is whole here, as in every forward (``partitioned.py``).
+        norm = dora.weight_norm(base.weight, self.lora_A[e], self.lora_B[e], self.scaling)
+        return dora.rescaled_output(base_NO, delta_NO, self.lora_magnitude_vector[e], norm, base.bias, x_NK.dtype)
 
 
 class FFNShape:
@@ -182,12 +179,5 @@ def folded_ffn(ffn: FFNShape, stacks: nn.ModuleDict, tokens: RoutedTokens, num_e
     if len(parts) > 1:
         y_ND = y_ND + parts[1]
     if out_proj.bias is not None:
-        with gathered([out_proj.bias]):
-            bias = out_proj.bias.detach().clone()
-        y_ND = add_folded_bias(y_ND, tokens.weight_NK, bias)
+        y_ND = add_folded_bias(y_ND, tokens.weight_NK, out_proj.bias.detach())
     return y_ND
-
-
-def add_folded_bias(y_ND: torch.Tensor, weight_NK: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The fold applied W2's bias once; the experts' outputs weighted by w sum to (sum w) b."""
-    return y_ND + (weight_NK.sum(-1, keepdim=True) - 1).to(y_ND.dtype) * bias

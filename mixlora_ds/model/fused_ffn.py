@@ -8,7 +8,7 @@ can be concatenated:
 - input side: ``x @ [W1; W3; A1; A3]^T`` gives both frozen pre-activations and every expert's rank-r
   code of both projections in one GEMM; one batched GEMM then applies the (masked) B matrices;
 - output side: ``[sum_k w_k h_k | sum_k w_k mask_k A2 h_k] @ [W2 | s B2^T]^T`` applies the frozen down
-  projection to the weight-mixed intermediate (the W2 fold of ``experts.py``) and every expert's B2 in
+  projection to the weight-mixed intermediate (the W2 fold, ``mixing.py``) and every expert's B2 in
   one GEMM, after one GEMM for the A2 codes.
 
 That is five GEMMs (router included) for the base model's three. The frozen weights are not copied:
@@ -23,7 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixlora_ds.model.dispatch import RoutedTokens
-from mixlora_ds.model.experts import FFNShape, add_folded_bias
+from mixlora_ds.model.experts import FFNShape
+from mixlora_ds.model.mixing import (
+    add_folded_bias,
+    expert_onehot,
+    keep_own_codes,
+    mix_own_codes,
+    mix_slots,
+    slot_weights,
+)
 from mixlora_ds.model.pair_math import activate, run_compiled
 
 
@@ -69,22 +77,22 @@ def fused_ffn_math(x_TD, expert_TK, weight_TK, num_experts: int, W_in, b_in, B_i
                    dense_sizes: list[int], lora_inputs: list[int], rank: int, gated: bool, act) -> torch.Tensor:
     """``FusedExpertFFN``'s computation as a pure function (what torch.compile traces)."""
     (T, K), E, r = expert_TK.shape, num_experts, rank
-    onehot_TKE = F.one_hot(expert_TK, E).to(x_TD.dtype)
-    w_TK1 = weight_TK.to(x_TD.dtype).unsqueeze(-1)
+    onehot_TKE = expert_onehot(expert_TK, E, x_TD.dtype)
+    w_TK1 = slot_weights(weight_TK, x_TD.dtype)
     both_TN = F.linear(x_TD, W_in, b_in)
     n_dense = sum(dense_sizes)
     pre = [d.unsqueeze(1) for d in both_TN[:, :n_dense].split(dense_sizes, dim=-1)]
     if lora_inputs:
         L = len(lora_inputs)
-        code_TKLEr = both_TN[:, n_dense:].view(T, 1, L, E, r) * onehot_TKE.view(T, K, 1, E, 1)
+        code_TKLEr = keep_own_codes(both_TN[:, n_dense:].view(T, 1, L, E, r), onehot_TKE)
         delta_LPF = torch.bmm(code_TKLEr.reshape(T * K, L, E * r).transpose(0, 1), B_in)
         for j, i in enumerate(lora_inputs):
             pre[i] = pre[i] + delta_LPF[j].view(T, K, B_in.shape[-1])
     h_TKI = activate([p.expand(T, K, p.shape[-1]) for p in pre], gated, act)
-    mixed_TI = (h_TKI * w_TK1).sum(dim=1)
+    mixed_TI = mix_slots(h_TKI, w_TK1)
     if A_out is not None:
         code_TKEr = (h_TKI @ A_out.t()).view(T, K, E, r)
-        mixed_code_TEr = (code_TKEr * (onehot_TKE * w_TK1).unsqueeze(-1)).sum(dim=1)
+        mixed_code_TEr = mix_own_codes(code_TKEr, onehot_TKE, w_TK1)
         mixed_TI = torch.cat([mixed_TI, mixed_code_TEr.reshape(T, E * r)], dim=-1)
     y_TD = F.linear(mixed_TI, W_out, b_out)
     return y_TD if b_out is None else add_folded_bias(y_TD, weight_TK, b_out)

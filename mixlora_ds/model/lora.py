@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from mixlora_ds.config import LoraSettings
-from mixlora_ds.zero import gathered
+from mixlora_ds.model import dora
 
 
 def init_lora_A_(weight: torch.Tensor, settings: LoraSettings) -> None:
@@ -46,6 +46,7 @@ class LoraLinear(nn.Module):
     """``y = W x + b + s * B A dropout(x)``; with DoRA, ``y = m / ||W + sBA||_row * (W x + s B A dropout(x)) + b``.
 
     The base layer stays a child module (``base_layer``) so ZeRO-3 partitions and gathers it as usual.
+    DoRA's rescaling is ``dora.py``'s, which the expert LoRAs share.
     """
 
     def __init__(self, base_layer: nn.Linear, settings: LoraSettings, dtype: torch.dtype = torch.float32):
@@ -61,17 +62,10 @@ class LoraLinear(nn.Module):
         init_lora_A_(self.lora_A.weight, settings)
         nn.init.zeros_(self.lora_B.weight)
         if settings.use_dora:
-            # m starts at ||W||_row (B = 0), so the layer equals the base layer at init.
-            self.lora_magnitude_vector = nn.Parameter(self.base_weight_norm().to(dtype))
+            magnitude = dora.initial_magnitude(base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+            self.lora_magnitude_vector = nn.Parameter(magnitude.to(dtype))
         else:
             self.register_parameter("lora_magnitude_vector", None)
-
-    def base_weight_norm(self) -> torch.Tensor:
-        """Row norms of ``W + s B A`` (DoRA's denominator), gathering ``W`` under ZeRO-3."""
-        with gathered([self.base_layer.weight]):
-            w = self.base_layer.weight.to(self.lora_A.weight.dtype)
-            w = w + self.scaling * (self.lora_B.weight @ self.lora_A.weight)
-            return torch.linalg.vector_norm(w, dim=1)
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         # In the activation dtype: casting the small weights is cheaper than casting activations.
@@ -86,12 +80,8 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_magnitude_vector is None:
             return self.base_layer(x) + self.lora_delta(x)
-        # The magnitude rescales W x + s B A x; a bias (Qwen2, Phi) stays outside the rescaling.
         base = self.base_layer(x)
-        scale = self.lora_magnitude_vector / self.base_weight_norm().detach()
-        bias = self.base_layer.bias
-        if bias is None:
-            return (scale * (base + self.lora_delta(x))).to(x.dtype)
-        with gathered([bias]):
-            b = bias.detach().clone()
-        return (scale * (base - b + self.lora_delta(x)) + b).to(x.dtype)
+        # W is whole here, as in every forward (``partitioned.py``).
+        norm = dora.weight_norm(self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        return dora.rescaled_output(base, self.lora_delta(x), self.lora_magnitude_vector, norm, self.base_layer.bias,
+                                    x.dtype)

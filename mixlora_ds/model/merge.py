@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from mixlora_ds.model.dora import adapted_weight, rescaled_weight
 from mixlora_ds.model.lora import LoraLinear
 from mixlora_ds.model.moe import moe_blocks
-from mixlora_ds.zero import is_partitioned
+from mixlora_ds.model.partitioned import is_partitioned
 
 
 @torch.no_grad()
@@ -24,9 +25,9 @@ def merged_weight(layer: LoraLinear) -> torch.Tensor:
     """The single weight matrix equivalent to ``layer`` in eval mode, in the base weight's dtype."""
     base = layer.base_layer.weight
     wide = torch.promote_types(base.dtype, torch.float32)  # at least fp32, float64 kept
-    w = base.to(wide) + layer.scaling * (layer.lora_B.weight.to(wide) @ layer.lora_A.weight.to(wide))
+    w = adapted_weight(base, layer.lora_A.weight.to(wide), layer.lora_B.weight.to(wide), layer.scaling)
     if layer.lora_magnitude_vector is not None:
-        w = w * (layer.lora_magnitude_vector.to(wide) / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1)
+        w = rescaled_weight(w, layer.lora_magnitude_vector)
     return w.to(base.dtype)
 
 

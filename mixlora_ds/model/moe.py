@@ -1,7 +1,7 @@
 """The MixLoRA block that replaces a decoder layer's feed-forward module.
 
 route -> dispatch -> expert compute -> combine; each stage lives in its own module (router.py,
-dispatch.py, experts.py with pair_math.py and fused_ffn.py) and is tested on its own. The
+dispatch.py, experts.py with pair_math.py, mixing.py and fused_ffn.py) and is tested on its own. The
 dispatcher is handed in (``LocalDispatcher`` unless the trainer installs an expert-parallel one);
 expert compute runs over the experts this block holds.
 """
@@ -58,12 +58,12 @@ class MixLoraMoeBlock(nn.Module):
         self.act_fn = act_fn
         self._fused_fallbacks: set[str] = set()
         self.compute_path = "loop" if settings.use_dora else "dense"
-        """"dense" (the default: masked GEMMs over all experts, the fastest measured, see BENCHMARKS.md)
-        or "grouped" (pairs sorted by expert, one grouped matmul per projection), the folded paths of
-        ``pair_math.PAIR_MATH``; "fused" (Triton kernels for the per-pair work, ``experts_fused.py``:
-        CUDA and a gated FFN with a SiLU or tanh-GELU activation; less than half the dense path's
-        activation memory, not yet faster; falls back to "dense" where it cannot run); or "loop" (the
-        reference). DoRA experts need "loop": their per-expert output rescaling does not commute
+        """"dense" (the default: masked GEMMs over all experts, the fastest measured; BENCHMARKS.md
+        compares the paths) or "grouped" (pairs sorted by expert, one grouped matmul per projection),
+        the folded paths of ``pair_math.PAIR_MATH``; "fused" (Triton kernels for the per-pair work,
+        ``experts_fused.py``: CUDA and a gated FFN with a SiLU or tanh-GELU activation; it keeps less
+        activation memory than the dense path; falls back to "dense" where it cannot run); or "loop"
+        (the reference). DoRA experts need "loop": their per-expert output rescaling does not commute
         with the shared down projection."""
         self.recompute = True
         """Recompute per-pair intermediates in backward instead of storing them."""

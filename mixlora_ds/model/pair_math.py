@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mixlora_ds.model.grouped_mm import grouped_mm
+from mixlora_ds.model.mixing import expert_onehot, keep_own_codes, mix_own_codes, mix_slots, slot_weights
 from mixlora_ds.model.pair_order import gather_pairs, mix_pairs, sort_pairs_by_expert
 
 PairMath = Callable[..., tuple]
@@ -45,24 +46,23 @@ def dense_pair_math(x_TD: torch.Tensor, expert_TK: torch.Tensor, weight_TK: torc
     no sort, gather or data-dependent shape, so it compiles to one graph."""
     T, K = expert_TK.shape
     E = num_experts  # shapes spelled out: T may be 0 (a rank whose experts got no tokens)
-    onehot_TKE = F.one_hot(expert_TK, E).to(x_TD.dtype)
+    onehot_TKE = expert_onehot(expert_TK, E, x_TD.dtype)
     pre = []
     for dense_TF, lora in zip(pre_dense, in_loras):
         pre_TKF = dense_TF.unsqueeze(1)
         if lora is not None:
             A, B, p = lora
-            code_TKEr = (_dropout(x_TD, p) @ A.t()).view(T, 1, E, A.shape[0] // E) * onehot_TKE.unsqueeze(-1)
+            code_TKEr = keep_own_codes((_dropout(x_TD, p) @ A.t()).view(T, 1, E, A.shape[0] // E), onehot_TKE)
             pre_TKF = pre_TKF + (code_TKEr.reshape(T * K, A.shape[0]) @ B).view(T, K, B.shape[-1])
         pre.append(pre_TKF.expand(-1, K, -1))
     h_TKI = activate(pre, gated, act)
-    w_TK1 = weight_TK.to(h_TKI.dtype).unsqueeze(-1)
-    mixed_TI = (h_TKI * w_TK1).sum(dim=1)
+    w_TK1 = slot_weights(weight_TK, h_TKI.dtype)
+    mixed_TI = mix_slots(h_TKI, w_TK1)
     if out_lora is None:
         return (mixed_TI,)
     A, B, p = out_lora
     code_TKEr = (_dropout(h_TKI, p) @ A.t()).view(T, K, E, A.shape[0] // E)
-    mixed_code_TEr = (code_TKEr * (onehot_TKE * w_TK1).unsqueeze(-1)).sum(dim=1)
-    return mixed_TI, mixed_code_TEr.reshape(T, A.shape[0]) @ B
+    return mixed_TI, mix_own_codes(code_TKEr, onehot_TKE, w_TK1).reshape(T, A.shape[0]) @ B
 
 
 def grouped_pair_math(x_TD: torch.Tensor, expert_TK: torch.Tensor, weight_TK: torch.Tensor,

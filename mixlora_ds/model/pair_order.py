@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mixlora_ds.model.mixing import mix_slots
+
 
 @dataclass
 class PairOrder:
@@ -19,8 +21,8 @@ class PairOrder:
     """Inverse permutation: pair ``t*K + k`` in token order sits at ``unsort_P[t*K + k]`` in expert order."""
     offs_E: torch.Tensor
     """int32 cumulative pair counts per expert (end offsets), as ``grouped_mm`` takes them."""
-    weight_P: torch.Tensor
-    """Combine weight of each pair in expert order (fp32)."""
+    weight_TK1: torch.Tensor
+    """Combine weight of each pair, in token order, as ``mixing.mix_slots`` takes it (fp32)."""
     num_tokens: int
     top_k: int
 
@@ -36,7 +38,7 @@ def sort_pairs_by_expert(expert_TK: torch.Tensor, weight_TK: torch.Tensor, num_e
         token_P=order_P // top_k,
         unsort_P=unsort_P,
         offs_E=counts_E.cumsum(0).to(torch.int32),
-        weight_P=weight_TK.reshape(-1)[order_P],
+        weight_TK1=weight_TK.unsqueeze(-1),
         num_tokens=num_tokens,
         top_k=top_k,
     )
@@ -50,7 +52,7 @@ def gather_pairs(order: PairOrder, x_TF: torch.Tensor) -> torch.Tensor:
 def mix_pairs(order: PairOrder, y_PF: torch.Tensor) -> torch.Tensor:
     """Pair rows (expert order) -> per token, the weighted sum over its slots.
 
-    A gather plus a sum over K: deterministic, unlike a scatter-add.
+    A gather back to token order plus a sum over K: deterministic, unlike a scatter-add.
     """
-    weighted_PF = y_PF * order.weight_P.to(y_PF.dtype).unsqueeze(-1)
-    return weighted_PF[order.unsort_P].view(order.num_tokens, order.top_k, y_PF.shape[-1]).sum(dim=1)
+    y_TKF = y_PF[order.unsort_P].view(order.num_tokens, order.top_k, y_PF.shape[-1])
+    return mix_slots(y_TKF, order.weight_TK1.to(y_PF.dtype))

@@ -26,7 +26,7 @@ ALIGN_BYTES = 128
 # all_gather_into_tensor's new name since torch 2.13; the same call.
 _all_gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
 SHARD_ATTR = "_mixlora_flat_shard"
-"""Set on every parameter a ``FlatShard`` owns, pointing to it (see ``mixlora_ds.zero.gathered``)."""
+"""Set on every parameter a ``FlatShard`` owns, pointing to it (see ``gatherers.FlatShardGatherer``)."""
 
 
 class FlatShard:

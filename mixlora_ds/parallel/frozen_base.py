@@ -7,9 +7,7 @@ This module does exactly that, with one flat gather per decoder layer (``FlatSha
 or on one host's GPUs copy-engine copies out of the other ranks' shards), started
 ``prefetch_layers`` layers ahead so it travels while earlier layers compute. Its hooks sit on the
 decoder layers, never inside them, so a layer's forward can be compiled. (DeepSpeed's stage-3 engine
-gathers from hooks on every module, which keeps the layers eager: on 7B MixLoRA, 2 / 4 H200s, it ran
-2,938 / 2,432 tokens/s per GPU against 10,563 / 10,616 for this module with compiled layers and NCCL
-gathers; BENCHMARKS.md.)
+gathers from hooks on every module, which keeps the layers eager; BENCHMARKS.md compares the two.)
 The trainable adapter is untouched: DeepSpeed's ZeRO-1/2 handles it.
 
 Units: one per decoder layer (every frozen parameter inside it, wherever nested), plus the "outer"
@@ -39,7 +37,7 @@ collectives. Activation checkpointing re-runs a layer's forward inside its backw
 backward runs, the forward hooks only make sure the layer is gathered, and free nothing.
 
 The hooks run once per layer in forward and in backward, on the host's critical path where the
-step is host-bound (7B MixLoRA on H200s is, nearly): they do as little as they can.
+step is host-bound (BENCHMARKS.md says where it is): they do as little as they can.
 """
 
 from __future__ import annotations
@@ -53,6 +51,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
+from mixlora_ds.model.partitioned import gathered
 from mixlora_ds.parallel.flat_shard import FlatShard
 
 
@@ -243,8 +242,6 @@ def frozen_params(module: nn.Module, exclude: set[int] = frozenset()) -> list[nn
 
 def _shard_unit(name: str, params: list[nn.Parameter], group, dtype: torch.dtype | None, transport: str) -> Unit:
     """Copy our slices of ``params`` (gathering ZeRO-3-partitioned ones), then own the parameters."""
-    from mixlora_ds.zero import gathered
-
     by_kind: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = defaultdict(list)
     for p in params:
         by_kind[(dtype or p.dtype, p.device)].append(p)
@@ -260,7 +257,7 @@ def _shard_unit(name: str, params: list[nn.Parameter], group, dtype: torch.dtype
 
 def _forget_zero3(p: nn.Parameter) -> None:
     """Drop what ``deepspeed.zero.Init`` attached to a parameter (its partition included), so
-    DeepSpeed and ``mixlora_ds.zero`` treat it as an ordinary tensor from now on."""
+    DeepSpeed and its gatherer (``gatherers.py``) treat it as an ordinary tensor from now on."""
     zero_init_attrs = {"all_gather", "all_gather_coalesced", "partition", "reduce_gradients_at_owner",
                        "partition_gradients", "aligned_size", "padding_size", "partition_numel", "item",
                        "convert_to_zero_parameters", "is_external_param", "nvme_swapper"}

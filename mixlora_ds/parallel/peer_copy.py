@@ -1,12 +1,12 @@
 """Gathers by copy engine: every rank maps the other ranks' frozen shards and copies them itself.
 
-An NCCL all-gather runs as a kernel on some of the GPU's SMs (24 of 132 on an H200 pair), for as
-long as the transfer takes; overlapped with the training step's kernels it slowed them by 13-20%
-(7B MixLoRA, 2 H200s: compute kernels 163-172 ms a step instead of 143-144; BENCHMARKS.md). The GPUs of one
-host can instead read each other's memory: with the shards in symmetric memory (mapped into every
-rank of the group once, at start), a gather is one ``cudaMemcpyAsync`` per rank, which the copy
-engines carry without any SM. And because frozen shards never change, no rank needs to wait for
-another: no collective, no barrier, so a rank that runs late delays nobody's gathers.
+An NCCL all-gather runs as a kernel on some of the GPU's SMs for as long as the transfer takes;
+overlapped with the training step's kernels it takes those SMs from them, and they run slower
+(BENCHMARKS.md measures by how much). The GPUs of one host can instead read each other's memory:
+with the shards in symmetric memory (mapped into every rank of the group once, at start), a gather
+is one ``cudaMemcpyAsync`` per rank, which the copy engines carry without any SM. And because frozen
+shards never change, no rank needs to wait for another: no collective, no barrier, so a rank that
+runs late delays nobody's gathers.
 
 Needs CUDA, PyTorch's symmetric memory and every rank of the group on one host (peer access over
 NVLink or PCIe). ``check_available`` says why not, where not.
@@ -101,8 +101,8 @@ def map_peers(buf: torch.Tensor, group) -> tuple[list[torch.Tensor], object]:
 
 def copy_stream(device: torch.device) -> torch.cuda.Stream:
     """The side stream of ``device`` that every gather by copy engine runs on, in the order issued.
-    (One is enough: the copies share the GPU's NVLink bandwidth, and spread over a stream per peer
-    they took as long, 63 ms a step at 4 H200s against 60 on one stream; BENCHMARKS.md.)"""
+    (One is enough: the copies share the GPU's NVLink bandwidth, so a stream per peer makes them no
+    faster; BENCHMARKS.md.)"""
     if device.index not in _streams:
         _streams[device.index] = torch.cuda.Stream(device)
     return _streams[device.index]

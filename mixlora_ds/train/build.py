@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+import mixlora_ds.parallel  # noqa: F401 - registers the gatherers of partitioned weights (model/partitioned.py)
 from mixlora_ds.model.experts import is_expert_param
 from mixlora_ds.train.config import TrainConfig
 from mixlora_ds.train.plan import ModelPlan

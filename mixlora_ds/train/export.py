@@ -36,7 +36,7 @@ def gather_trainable_fp32(model: nn.Module, expert_parallel=None) -> dict[str, t
     from deepspeed.utils import safe_get_full_fp32_param
 
     from mixlora_ds.model.experts import is_expert_param
-    from mixlora_ds.zero import gathered
+    from mixlora_ds.model.partitioned import gathered
 
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():

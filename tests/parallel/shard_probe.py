@@ -30,9 +30,9 @@ from mixlora_ds import MixLoraConfig, inject_mixlora  # noqa: E402
 from mixlora_ds.model.aux_loss import mixlora_aux_loss  # noqa: E402
 from mixlora_ds.model.inject import decoder_layers  # noqa: E402
 from mixlora_ds.model.moe import set_compute_path  # noqa: E402
+from mixlora_ds.model.partitioned import gathered  # noqa: E402
 from mixlora_ds.parallel.frozen_base import shard_frozen_base  # noqa: E402
 from mixlora_ds.train.build import enable_checkpointing  # noqa: E402
-from mixlora_ds.zero import gathered  # noqa: E402
 from tests.core.tiny_models import FAMILIES, VOCAB, randomize_adapter, targets_for, tiny_model  # noqa: E402
 
 DEVICE = torch.device("cpu")
@@ -193,7 +193,7 @@ def cast_on_sharding(rank: int) -> dict:
 
 
 def gathered_outside_forward(rank: int) -> dict:
-    """``mixlora_ds.zero.gathered`` on sharded parameters: whole values inside, freed again after."""
+    """``mixlora_ds.model.partitioned.gathered`` on sharded parameters: whole values inside, freed again after."""
     reference = adapted("llama")
     model = copy.deepcopy(reference)
     sharded = shard_frozen_base(model, decoder_layers(model), group=None)
