@@ -9,7 +9,8 @@ outside the model, adapter export and loading.
 
 A partitioner implements ``Gatherer`` and registers it; ``mixlora_ds.parallel`` registers one for
 each of its two kinds when it is imported, which every process that builds a partitioned model
-does (``train/build.py``). With no gatherer registered, every tensor is whole.
+does (``train/build.py``), and so does ``adapter_io`` (saving and loading adapters of a model a
+user partitioned with ``deepspeed.zero.Init``). With no gatherer registered, every tensor is whole.
 """
 
 from __future__ import annotations
