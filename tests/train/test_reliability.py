@@ -118,7 +118,10 @@ def test_ranks_stop_and_save_when_the_deepspeed_command_is_killed(assets, runs_r
     import psutil
 
     out = runs_root / "orphaned"
-    cfg = write_config(dropout_config(assets, out) | {"max_steps": 40}, runs_root / "orphaned.yaml")
+    # No periodic checkpoints: the stop's own checkpoint is then the newest whenever the stop lands.
+    base = dropout_config(assets, out)
+    cfg = write_config(base | {"max_steps": 40, "checkpoint": dict(base["checkpoint"], every_steps=0)},
+                       runs_root / "orphaned.yaml")
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     log = runs_root / "orphaned.log"
     with open(log, "w") as f:
