@@ -24,7 +24,6 @@ import torch.nn as nn
 
 from mixlora_ds.config import ConfigError, MixLoraConfig
 from mixlora_ds.model.inject import inject_mixlora
-import mixlora_ds.parallel  # noqa: F401  (registers the gatherers: adapters of ZeRO-3 models are read whole)
 from mixlora_ds.model.partitioned import gathered
 from mixlora_ds.utils.atomic import atomic_directory
 from mixlora_ds.utils.jsonfile import load_json

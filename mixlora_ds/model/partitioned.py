@@ -4,13 +4,16 @@ The model maths never gathers. Around every forward, the partitioner makes whole
 reads: mixlora_ds's sharded frozen base gathers each decoder layer around the layer's forward, and
 DeepSpeed's stage 3 gathers each module's parameters around its forward (a leaf module's all at
 once, and any parameter a forward reads from outside its own module when it is read). Only what
-reads weights outside a forward asks for them here: DoRA's initial magnitudes at injection, and,
-outside the model, adapter export and loading.
+reads weights outside a forward asks for them here: DoRA's initial magnitudes at injection, the
+refusal to merge a partitioned model, and, outside the model, adapter export and loading.
 
-A partitioner implements ``Gatherer`` and registers it; ``mixlora_ds.parallel`` registers one for
-each of its two kinds when it is imported, which every process that builds a partitioned model
-does (``train/build.py``), and so does ``adapter_io`` (saving and loading adapters of a model a
-user partitioned with ``deepspeed.zero.Init``). With no gatherer registered, every tensor is whole.
+A partitioner implements ``Gatherer`` and registers it. DeepSpeed's stage 3 is known here already:
+its placeholders reach a model from outside the project (Transformers builds models inside
+``deepspeed.zero.Init`` whenever a ZeRO-3 config is active), so the public API must gather them
+whether or not the project's parallel code was imported; DeepSpeed itself is imported only when
+such a parameter is met. ``mixlora_ds.parallel`` registers the project's own flat shards of the
+frozen base when it is imported, which it is before it makes any. With no partition, every tensor
+is whole.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ _GATHERERS: list[Gatherer] = []
 
 
 def register_gatherer(gatherer: Gatherer) -> None:
-    """Consult ``gatherer`` from now on (once, however often it is registered)."""
+    """Consult ``gatherer`` from now on."""
     if gatherer not in _GATHERERS:
         _GATHERERS.append(gatherer)
 
@@ -60,3 +63,27 @@ def gathered(params: Iterable[torch.Tensor | None], modifier_rank: int | None = 
             if owned:
                 stack.enter_context(gatherer.gathered(owned, modifier_rank))
         yield
+
+
+class DeepSpeedGatherer:
+    """DeepSpeed's stage-3 parameters (marked by ``ds_id``), writable through ``modifier_rank``; those
+    available already (inside a forward that gathered them) are used as they are."""
+
+    def owns(self, p: torch.Tensor) -> bool:
+        return hasattr(p, "ds_id")
+
+    @contextlib.contextmanager
+    def gathered(self, params: list[torch.Tensor], modifier_rank: int | None) -> Iterator[None]:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        missing = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if not missing:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(missing, modifier_rank=modifier_rank):
+            yield
+
+
+register_gatherer(DeepSpeedGatherer())

@@ -108,7 +108,7 @@ def describe(cost: ExpertParallelCost) -> str:
 
 def describe_for_run(plan, expert_parallel) -> str:
     """The estimate for a planned run (its model, adapter, batch and precision), for the training log."""
-    hf, ad, cfg = plan.hf_config, plan.adapter_config, plan.cfg
+    hf, ad, cfg = plan.hf_config, plan.cfg.adapter, plan.cfg
     tokens = cfg.batch.micro_batch_size * (plan.seq_len or 512)
     on_gpu = plan.device == "cuda"
     cost = estimate(hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, ad.num_experts, ad.r, ad.top_k,

@@ -1,12 +1,7 @@
-"""The two partitions a model may carry here, as ``model.partitioned.Gatherer``s, registered on import.
-
-- DeepSpeed's stage 3: parameters made by ``deepspeed.zero.Init``, marked by ``ds_id``; writable
-  (``modifier_rank``) through ``deepspeed.zero.GatheredParameters``.
-- mixlora_ds's per-layer sharding of the frozen base (``frozen_base.py``): parameters marked by the
-  flat shard that owns them; read-only, since the frozen base never changes.
-
-Flat shards are made whole first, DeepSpeed's parameters inside, as one ``gathered`` block enters
-its gatherers in the order they were registered.
+"""mixlora_ds's per-layer sharding of the frozen base (``frozen_base.py``) as a
+``model.partitioned.Gatherer``, registered on import: parameters marked by the flat shard that owns
+them; read-only, since the frozen base never changes. (DeepSpeed's stage 3 is known to
+``model.partitioned`` itself.)
 """
 
 from __future__ import annotations
@@ -44,25 +39,4 @@ class FlatShardGatherer:
                 s.reshard()
 
 
-class DeepSpeedGatherer:
-    """DeepSpeed's stage-3 parameters that are not available right now (the others are used as they are)."""
-
-    def owns(self, p: torch.Tensor) -> bool:
-        return hasattr(p, "ds_id")
-
-    @contextlib.contextmanager
-    def gathered(self, params: list[torch.Tensor], modifier_rank: int | None) -> Iterator[None]:
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        missing = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-        if not missing:
-            yield
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(missing, modifier_rank=modifier_rank):
-            yield
-
-
 register_gatherer(FlatShardGatherer())
-register_gatherer(DeepSpeedGatherer())

@@ -1,8 +1,9 @@
 """What the run config says about the frozen base, learned without building it: its Transformers
-config, and whether the adapter's targets are among its linear layers.
+config, whether the adapter's targets are among its linear layers, and whether a starting adapter
+(``model.init_adapter``) fits it.
 
-Both belong to the run plan: every rank learns them from files alone (nothing is downloaded) before
-any communication. The target check builds the model's skeleton on the meta device, which takes no
+These belong to the run plan: every rank learns them from files alone (nothing is downloaded) before
+any communication. The checks use the model's skeleton on the meta device, which takes no
 memory and a second or two even for 7B.
 """
 
@@ -67,15 +68,53 @@ def plain_construction():
             hf_deepspeed.set_hf_deepspeed_config(active)
 
 
-def check_adapter_targets(cfg: TrainConfig, hf_config) -> None:
-    """Fail before any heavy work when the adapter targets projections the model does not have."""
+def model_skeleton(hf_config) -> nn.Module:
+    """The base model on the meta device: module names and shapes, no memory."""
     from transformers import AutoModelForCausalLM
 
     with plain_construction(), torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
+def check_adapter_targets(cfg: TrainConfig, skeleton: nn.Module) -> None:
+    """Fail before any heavy work when the adapter targets projections the model does not have."""
     leaf_names = {name.rsplit(".", 1)[-1] for name, mod in skeleton.named_modules() if isinstance(mod, nn.Linear)}
     missing = [t for t in cfg.adapter.target_modules if t not in leaf_names]
     if missing:
         raise cfg.error("adapter.target_modules", f"adapter.target_modules {missing} not found in the "
-                                                  f"{hf_config.model_type} model; its linear layers are "
+                                                  f"{skeleton.config.model_type} model; its linear layers are "
                                                   f"{sorted(leaf_names)}")
+
+
+def check_init_adapter(cfg: TrainConfig, skeleton: nn.Module) -> None:
+    """``model.init_adapter`` describes the run's adapter (what decides its weights' meaning), and its
+    tensors fit the base (layers, shapes, ranks, router width)."""
+    path = cfg.model.init_adapter
+    if path is None:
+        return
+    from mixlora_ds.adapter_check import check_adapter
+    from mixlora_ds.adapter_io import AdapterError
+
+    key = "model.init_adapter"
+    try:
+        saved = check_adapter(skeleton, path)
+    except AdapterError as e:
+        raise cfg.error(key, f"{key}={path!r}: {e}") from None
+    ours, theirs = cfg.adapter, saved
+    fields = ["peft_type", "target_modules"]
+    if ours.is_mixlora:
+        fields += ["num_experts", "top_k", "routing_strategy"]
+    for name in fields:
+        a, b = getattr(ours, name), getattr(theirs, name)
+        if name == "target_modules":
+            a, b = sorted(a), sorted(b)
+        if a != b:
+            raise cfg.error(key, f"{key}={path!r} has {name}={b!r}, the run's adapter.{name} is {a!r}; they must "
+                                 f"describe the same adapter")
+    # Rank, alpha and the LoRA variant decide what the weights mean (dropout and init do not).
+    for part, settings in (("attention", "attention_settings"), ("expert", "expert_settings")):
+        a, b = getattr(ours, settings)(), getattr(theirs, settings)()
+        for name in ("r", "lora_alpha", "use_rslora", "use_dora"):
+            if getattr(a, name) != getattr(b, name):
+                raise cfg.error(key, f"{key}={path!r} has {part} {name}={getattr(b, name)!r}, the run's adapter "
+                                     f"has {getattr(a, name)!r}; they must describe the same adapter")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-import mixlora_ds.parallel  # noqa: F401 - registers the gatherers of partitioned weights (model/partitioned.py)
+import mixlora_ds.parallel  # noqa: F401 - registers the sharded base's gatherer (model/partitioned.py)
 from mixlora_ds.model.experts import is_expert_param
 from mixlora_ds.train.config import TrainConfig
 from mixlora_ds.train.plan import ModelPlan
@@ -70,7 +70,7 @@ def build_model(plan: ModelPlan) -> BuiltModel:
     # Adapter initialisation must not depend on how the base was built (sharded or not, loaded or
     # random): reseed so every rank and a single-process run draw the same adapter.
     torch.manual_seed(cfg.seed)
-    inject_mixlora(model, cfg.adapter)
+    inject_mixlora(model, copy.deepcopy(cfg.adapter))  # injection fills in act_fn and the base path: on its copy
     if cfg.model.init_adapter:
         _load_initial_adapter(model, cfg.model.init_adapter)
     layers = decoder_layers(model)

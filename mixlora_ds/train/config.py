@@ -524,13 +524,17 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: Origins, **not_s
 def _build_adapter(data: dict[str, Any], key: str, where: Origins) -> MixLoraConfig:
     """The adapter section: ``MixLoraConfig`` checks its fields itself, by the adapter format's rules
     (which accept more than the annotations say, e.g. legacy ``{name: bool}`` target modules)."""
+    known = {f.name for f in dataclasses.fields(MixLoraConfig)}
+    for name in data:
+        if name not in known:
+            dotted = f"{key}.{name}"
+            raise TrainConfigError(f"{where(dotted)}: unknown key '{dotted}' in section '{key}'; known keys: "
+                                   f"{', '.join(sorted(known))}", key=dotted)
     try:
         return MixLoraConfig(**data)
     except ConfigError as e:
         dotted = f"{key}.{e.field}" if e.field else key
         raise TrainConfigError(f"{where(dotted)}: {e}", key=dotted) from None
-    except TypeError as e:  # an unknown field
-        raise TrainConfigError(f"{where(key)}: {key}: {e}", key=key) from None
 
 
 # --------------------------------------------------------------------------------------- loading

@@ -482,7 +482,7 @@ class Trainer:
     def export(self) -> None:
         from mixlora_ds.train.export import export_adapter
 
-        result = export_adapter(self.model, self.cfg.adapter, self.plan.hf_config, self.cfg.export_dir,
+        result = export_adapter(self.model, self.model.mixlora_config, self.plan.hf_config, self.cfg.export_dir,
                                 self.built.expert_parallel)
         if dist.is_main():
             self.monitor.line(f"adapter exported to {self.cfg.export_dir}: {result['tensors']} tensors, "

@@ -15,10 +15,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from mixlora_ds.config import MixLoraConfig
 from mixlora_ds.data.errors import DataError
 from mixlora_ds.data.shards import read_manifest
-from mixlora_ds.train.base_model import check_adapter_targets, hf_config_for
+from mixlora_ds.train.base_model import check_adapter_targets, check_init_adapter, hf_config_for, model_skeleton
 from mixlora_ds.train.config import TrainConfig
 from mixlora_ds.train.ds_config import (engine_ds_config, resolve_ds_config, resolve_precision,
                                         shards_base_itself, zero_stage)
@@ -41,11 +40,6 @@ class ModelPlan:
     """The resolved DeepSpeed config, as given (construction under ZeRO-3 follows it)."""
     shards_base: bool
     """mixlora_ds shards the frozen base itself (ZeRO-3 with ``deepspeed.zero3_impl: mixlora_ds``)."""
-
-    @property
-    def adapter_config(self) -> MixLoraConfig:
-        """The run's adapter (``cfg.adapter``)."""
-        return self.cfg.adapter
 
 
 @dataclass(frozen=True)
@@ -95,8 +89,9 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
     check_attention(cfg, device)
     precision = resolve_precision(cfg, device)
     hf_config = hf_config_for(cfg)
-    check_adapter_targets(cfg, hf_config)
-    check_init_adapter(cfg)
+    skeleton = model_skeleton(hf_config)
+    check_adapter_targets(cfg, skeleton)
+    check_init_adapter(cfg, skeleton)
     ds_config = resolve_ds_config(cfg, world_size, getattr(hf_config, "hidden_size", None), device)
     stage = zero_stage(ds_config)
     grad_accum = ds_config["gradient_accumulation_steps"]
@@ -121,31 +116,6 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
         micro_batches_per_epoch=mb_per_epoch, total_steps=total,
         warmup_steps=warmup_steps_for(cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio, total),
         eval_dir=eval_dir, task_names=list(manifest["tasks"]))
-
-
-# Fields that decide what an adapter's weights mean: a starting adapter must agree with the run on them.
-_ADAPTER_IDENTITY = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "num_experts", "top_k",
-                     "routing_strategy", "target_modules")
-
-
-def check_init_adapter(cfg: TrainConfig) -> None:
-    """``model.init_adapter`` is an adapter directory describing the run's adapter."""
-    path = cfg.model.init_adapter
-    if path is None:
-        return
-    from mixlora_ds.adapter_io import AdapterError, read_adapter_config
-
-    try:
-        saved = read_adapter_config(path)
-    except AdapterError as e:
-        raise cfg.error("model.init_adapter", f"model.init_adapter={path!r}: {e}") from None
-    for name in _ADAPTER_IDENTITY:
-        ours, theirs = getattr(cfg.adapter, name), getattr(saved, name)
-        if name == "target_modules":
-            ours, theirs = sorted(ours), sorted(theirs)
-        if ours != theirs:
-            raise cfg.error("model.init_adapter", f"model.init_adapter={path!r} has {name}={theirs!r}, the run's "
-                                                  f"adapter.{name} is {ours!r}; they must describe the same adapter")
 
 
 # ------------------------------------------------------------------------------- the device and ZeRO

@@ -71,11 +71,13 @@ class StopRequest:
     def votes(self) -> list[float]:
         """This rank's stop request as one-hot counts over ``REASONS`` (all zero: none), for the
         all-reduce that makes the ranks agree."""
-        return [1.0 if self.reason == r else 0.0 for r in REASONS]
+        reason = self.reason  # read once: the launcher watcher may set it meanwhile
+        return [1.0 if reason == r else 0.0 for r in REASONS]
 
     def adopt(self, counts: list[float]) -> None:
         """After the all-reduce of ``votes``: a rank that saw nothing itself takes the reason most
-        ranks saw, so every rank logs and saves the same one (ranks notice at different times)."""
+        ranks saw (ranks notice at different times), so rank 0, which writes the log line, the
+        checkpoint's metadata and the stop marker, names a real cause; a rank keeps its own."""
         if self.reason is None:
             best = max(range(len(REASONS)), key=lambda i: counts[i])
             if counts[best] > 0:

@@ -110,8 +110,8 @@ def compare(family: str, peft_type: str, rank: int, checkpointing: bool = False,
     if checkpointing:
         enable_checkpointing(reference)
         enable_checkpointing(sharded_model)
-    sharded = shard_frozen_base(sharded_model, decoder_layers(sharded_model), group=None, transport=transport)
-    sharded.prefetch_layers = prefetch_layers
+    sharded = shard_frozen_base(sharded_model, decoder_layers(sharded_model), group=None, transport=transport,
+                                prefetch_layers=prefetch_layers)
     watch = GatherWatch(sharded)
     if compiled:
         for layer in decoder_layers(sharded_model):

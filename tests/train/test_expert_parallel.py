@@ -110,8 +110,12 @@ def test_an_adapter_loaded_into_an_ep_run_hands_each_rank_its_experts(reference_
     assert runs["init_ep2"].metrics()[1]["loss"] < reference_run.metrics()[1]["loss"] - 0.1
 
 
-def test_an_initial_adapter_of_another_shape_is_refused_by_name(reference_run, assets, tmp_path):
-    cfg = run_config(assets, tmp_path / "run", adapter__num_experts=8)
+@pytest.mark.parametrize("change, message", [
+    ({"adapter__num_experts": 8}, "has num_experts=4, the run's adapter.num_experts is 8"),
+    ({"adapter__expert_lora": {"r": 8}}, "has expert r=4, the run's adapter has 8"),
+])
+def test_an_initial_adapter_of_another_shape_is_refused_by_name(reference_run, assets, tmp_path, change, message):
+    cfg = run_config(assets, tmp_path / "run", **change)
     cfg["model"]["init_adapter"] = str(reference_run.out_dir / "adapter")
     path = write_config(cfg, tmp_path / "init.yaml")
     env = launch_env(tmp_path)
@@ -119,7 +123,7 @@ def test_an_initial_adapter_of_another_shape_is_refused_by_name(reference_run, a
     p = subprocess.run([sys.executable, TRAIN, "--config", str(path), "--validate-only"], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
-    assert "has num_experts=4, the run's adapter.num_experts is 8" in p.stderr and f"{path}:" in p.stderr
+    assert message in p.stderr and f"{path}:" in p.stderr
 
 
 def test_resume_without_ep_into_ep_is_refused(reference_run, assets, runs_root):

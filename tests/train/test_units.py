@@ -33,6 +33,15 @@ def test_unknown_key_names_file_line_and_known_keys(tmp_path):
     assert msg.startswith(f"{path}:4:") and "unknown key 'optim.lrr'" in msg and "max_grad_norm" in msg
 
 
+def test_unknown_adapter_key_names_its_line_and_the_known_keys(tmp_path):
+    path = write(tmp_path, "seed: 1\nadapter:\n  r: 8\n  num_expert: 4\n")
+    with pytest.raises(TrainConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:4:") and "unknown key 'adapter.num_expert'" in msg and "num_experts" in msg
+    assert e.value.key == "adapter.num_expert"
+
+
 def test_type_errors_and_yaml_number_quirk(tmp_path):
     with pytest.raises(TrainConfigError, match=r":2: 'batch.micro_batch_size' must be int, got str"):
         load_config(write(tmp_path, "batch:\n  micro_batch_size: two\n"))
@@ -210,9 +219,9 @@ def test_heatmap_image():
     assert tuple(img[0, 0]) != tuple(img[0, 15])  # load 0.5 and 0.0 get different colours
 
 
-def test_ranks_agree_on_one_stop_reason():
-    # Ranks notice a stop at different times; after the step's all-reduce of their votes every rank
-    # logs and saves the same reason, also the ones that saw nothing themselves.
+def test_a_rank_that_saw_no_stop_adopts_the_reason_the_others_saw():
+    # Ranks notice a stop at different times; after the step's all-reduce of their votes a rank that
+    # saw nothing itself (rank 0, say, which writes the log and the stop marker) names the real cause.
     from mixlora_ds.train.signals import LAUNCHER_EXITED, StopRequest
 
     ranks = [StopRequest() for _ in range(3)]
