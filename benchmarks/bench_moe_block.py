@@ -4,11 +4,11 @@
     python benchmarks/bench_moe_block.py --tiny     # CPU smoke run
 
 Variants: the frozen dense FFN (backward to its input only), the dense FFN with PEFT-style LoRA r=80
-on its 3 projections, mixlora_ds masked-dense and grouped (fp32 and bf16 adapters), the fused Triton kernels
+on its 3 projections, mixlora_ds masked-dense and grouped (fp32 and bf16 adapters), the fused per-pair op
 (``fused-bf16``), the per-expert loop, and the reference ``mixlora`` 0.2.3 block.
 
-``--roofline`` (GPU) then times the fused kernels alone and each frozen GEMM, and prints for each the
-bytes it must move and the FLOPs it must do, the time those take at the given bandwidth and matrix
+``--roofline`` (GPU) then times each piece of the fused per-pair op (its GEMMs and element-wise passes)
+and a frozen GEMM alone, and prints for each the bytes it must move and the FLOPs it must do, the time those take at the given bandwidth and matrix
 rate (default: H200, 4.3 TB/s and 790 bf16 TFLOP/s), and the time measured.
 """
 
@@ -48,7 +48,7 @@ def build(variant: str, cfg: LlamaConfig, device: str):
     from mixlora_ds.model.families import family_for
     from mixlora_ds.model.moe import MixLoraMoeBlock
 
-    dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+    dtype = torch.bfloat16 if "bf16" in variant else torch.float32
     mc = MixLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, num_experts=EXPERTS[0], top_k=2,
                        target_modules=list(FFN))
     block = MixLoraMoeBlock(mlp, family_for("llama"), mc, cfg.hidden_size, "silu", dtype)
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--variants", default="dense,dense+lora80,masked-bf16,masked-bf16-compiled,fused-bf16,grouped-bf16,"
                     "loop,reference")
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--roofline", action="store_true", help="time the fused kernels and frozen GEMMs alone")
+    ap.add_argument("--roofline", action="store_true", help="time the pieces of the fused op and a frozen GEMM alone")
     ap.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the roofline")
     ap.add_argument("--flops", type=float, default=790e12, help="bf16 matrix FLOP/s for the roofline")
     args = ap.parse_args()
@@ -134,44 +134,50 @@ def main() -> None:
 
 
 def roofline(T: int, D: int, I: int, E: int, K: int, r: int, bandwidth: float, flops: float) -> None:
-    """Each kernel of a fused MixLoRA block alone: bytes and FLOPs it must do, the floor they give, measured."""
+    """Each piece of the fused per-pair op alone (``kernels/pair_op.py``), and the op as a whole: bytes
+    and FLOPs it must do, the floor they give at ``bandwidth`` / ``flops``, and the time measured."""
     import triton
 
-    from mixlora_ds.model.kernels.pair_op import fused_pair_math
+    from mixlora_ds.model.kernels import pair_op, triton_pair
 
     bf = dict(device="cuda", dtype=torch.bfloat16)
-    ER = E * r
-    x = torch.randn(T, D, **bf)
-    W = torch.randn(I, D, **bf) / D**0.5
-    G, U = (torch.randn(T, I, **bf).requires_grad_() for _ in range(2))
-    lora = lambda i, o: (torch.randn(ER, i, **bf) / i**0.5, (torch.randn(ER, o, **bf) * 0.01), 0.05)  # noqa: E731
-    l1, l3, l2 = lora(D, I), lora(D, I), lora(I, D)
-    for t in (*l1[:2], *l3[:2], *l2[:2]):
-        t.requires_grad_()
+    ER, P = E * r, T * K
+    rnd = lambda *shape: torch.randn(*shape, **bf)  # noqa: E731
+    x, W = rnd(T, D), rnd(I, D) / D**0.5
+    G, U, DM = rnd(T, I), rnd(T, I), rnd(T, I)
+    code1, code3, gcode = rnd(T, ER), rnd(T, ER), rnd(T, ER).float()
+    B1, B3, A2 = rnd(ER, I) * 0.01, rnd(ER, I) * 0.01, rnd(ER, I) / I**0.5
     expert = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)])
-    weight = torch.rand(T, K, device="cuda").requires_grad_()
+    weight = torch.rand(T, K, device="cuda")
     seed = torch.zeros(1, dtype=torch.int64, device="cuda")
-    code1, code3 = x @ l1[0].t(), x @ l3[0].t()
-    args = (G, U, code1, code3, l1[1], l3[1], l2[0], expert, weight, seed, r, 0.05, "silu")
-    mixed, mcode = torch.ops.mixlora_ds.pair_ffn(*args)
-    gm, gc = torch.randn_like(mixed), torch.randn_like(mcode)
+    own = pair_op._own(expert, ER, r, torch.bfloat16)
+    code_P = pair_op._pair_rows(code1, own)
+    DG, DU, Q, HD = code_P @ B1, code_P @ B3, code_P @ A2, rnd(P, I)
+    mixed, dgate, dup = torch.empty_like(G), torch.empty_like(G), torch.empty_like(G)
+    dw_part = torch.empty(triton_pair.grid(T, I)[1], T, K, device="cuda")
+    args = (G, U, code1, code3, B1, B3, A2, expert, weight, seed, r, 0.05, "silu")
     bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e-3  # noqa: E731
     two = 2  # bytes per bf16 element
+    low_rank = (2 * P * ER * I, two * (P * ER + ER * I + P * I))  # one GEMM between [P, ER] and [P, I]
     rows = [
-        ("frozen GEMM x W1^T (fwd; 3 per FFN)", lambda: x @ W.t(), 2 * T * D * I, two * (T * D + D * I + T * I)),
-        ("pair kernel fwd", lambda: torch.ops.mixlora_ds.pair_ffn(*args),
-         2 * T * K * I * ER * 3, two * 3 * T * I + 4 * T * ER),
-        ("pair kernel bwd", lambda: torch.ops.mixlora_ds.pair_ffn_backward(gm, gc, *args),
-         2 * T * K * I * ER * 8, two * 5 * T * I + 4 * (3 * ER * I + 2 * T * ER)),
-        ("whole fused per-pair fwd+bwd (autograd)", lambda: torch.autograd.grad(
-            sum(o.float().square().sum()
-                for o in fused_pair_math(x, expert, weight, [G, U], [l1, l3], l2, True, "silu", num_experts=E)),
-            [G, U, weight]),
-         2 * T * K * I * ER * 11, two * 8 * T * I),
+        ("frozen GEMM x W1^T (3 per FFN each way)", lambda: x @ W.t(), 2 * T * D * I, two * (T * D + D * I + T * I)),
+        ("delta GEMM code_P @ B (2 fwd, 2+1 bwd)", lambda: code_P @ B1, *low_rank),
+        ("code GEMM HD @ A2^T (1 fwd)", lambda: HD @ A2.t(), *low_rank),
+        ("weight-grad GEMM code_P^T @ dg (3 bwd)", lambda: code_P.t() @ DG, *low_rank),
+        ("code-grad GEMM dg @ B^T (2 bwd)", lambda: DG @ B1.t(), *low_rank),
+        ("element-wise pass fwd", lambda: triton_pair.forward(G, U, DG, DU, weight, seed, mixed, HD, 0.05, "silu", K),
+         0, two * (3 * T * I + 3 * P * I)),
+        ("element-wise pass bwd", lambda: triton_pair.backward(G, U, DG, DU, DM, Q, weight, seed, dgate, dup,
+                                                               dw_part, 0.05, "silu", K),
+         0, two * (5 * T * I + 6 * P * I)),
+        ("whole op fwd", lambda: torch.ops.mixlora_ds.pair_ffn(*args),
+         3 * low_rank[0], 3 * low_rank[1] + two * (3 * T * I + 3 * P * I)),
+        ("whole op bwd", lambda: torch.ops.mixlora_ds.pair_ffn_backward(DM, gcode, *args),
+         8 * low_rank[0], 8 * low_rank[1] + two * (5 * T * I + 6 * P * I)),
     ]
     print(f"\nroofline: {T} tokens, D {D}, I {I}, E {E}, top-{K}, r {r}; "
           f"{bandwidth / 1e12:.1f} TB/s, {flops / 1e12:.0f} TFLOP/s")
-    print(f"{'kernel':<42}{'GFLOP':>8}{'MB':>8}{'floor us':>10}{'measured us':>13}{'of floor':>10}")
+    print(f"{'piece':<42}{'GFLOP':>8}{'MB':>8}{'floor us':>10}{'measured us':>13}{'of floor':>10}")
     for name, fn, nflop, nbytes in rows:
         floor = max(nflop / flops, nbytes / bandwidth)
         t = bench(fn)

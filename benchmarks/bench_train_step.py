@@ -189,14 +189,16 @@ def main() -> None:
         args.seq, args.steps, args.warmup = min(args.seq, 64), min(args.steps, 2), 1
     cfg = model_config(args.tiny)
     EXPERTS[:] = [args.experts, args.top_k]
-    results = [run_variant(v, cfg, args, device) for v in args.variants.split(",")]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"\ndevice: {name}; torch {torch.__version__}; batch {args.batch} x seq {args.seq}")
+    print(f"device: {name}; torch {torch.__version__}; batch {args.batch} x seq {args.seq}")
     print(f"MixLoRA: {args.experts} experts, top-{args.top_k}, r=16")
     print(f"{'variant':<34}{'tokens/s':>12}{'step ms':>10}{'peak GiB':>10}{'trainable':>14}")
-    for r in results:
+    results = []
+    for variant in args.variants.split(","):  # each row as it comes: a cut-off run keeps what it measured
+        r = run_variant(variant, cfg, args, device)
+        results.append(r)
         print(f"{r['variant']:<34}{r['tokens_per_s']:>12,.0f}{r['step_s'] * 1e3:>10.1f}{r['peak_gib']:>10.1f}"
-              f"{r['trainable_params']:>14,}")
+              f"{r['trainable_params']:>14,}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "results": results}, f, indent=2)

@@ -119,7 +119,7 @@ class MixLoraMoeBlock(nn.Module):
             return self.fused_ffn(tokens, self.num_local_experts, compiled=compiled)
         if self.compute_path == "loop":
             return ffn_loop(self.ffn, self.experts, tokens, self.num_local_experts)
-        if self.compute_path == "fused" and self._fused_ok(tokens.x_ND):
+        if self.compute_path == "fused" and self._fused_ok():
             # The custom op recomputes its per-pair intermediates in backward itself.
             return folded_ffn(self.ffn, self.experts, tokens, self.num_local_experts,
                               fused_pair_math_for(self.act_fn), recompute=False)
@@ -127,9 +127,9 @@ class MixLoraMoeBlock(nn.Module):
         return folded_ffn(self.ffn, self.experts, tokens, self.num_local_experts, PAIR_MATH[path],
                           recompute=self.recompute, compiled=compiled and path == "dense")
 
-    def _fused_ok(self, x_TD: torch.Tensor) -> bool:
-        """Whether the fused kernels can run this block on ``x_TD``; warns once per reason when not."""
-        reason = fused_unsupported_reason(self.ffn, self.experts, self.act_fn, x_TD)
+    def _fused_ok(self) -> bool:
+        """Whether the fused path can run this block; warns once per reason when not."""
+        reason = fused_unsupported_reason(self.ffn, self.experts, self.act_fn)
         if reason is not None and reason not in self._fused_fallbacks:
             self._fused_fallbacks.add(reason)
             warnings.warn(f"MixLoRA compute path 'fused' falls back to 'dense': {reason}")
