@@ -23,7 +23,7 @@ from mixlora_ds.model.fused_ffn import FusedExpertFFN, fuse_block_weights, unsha
 from mixlora_ds.model.pair_math import PAIR_MATH
 from mixlora_ds.model.router import MixLoraRouter, Routing
 
-COMPUTE_PATHS = (*PAIR_MATH, "fused", "loop")
+COMPUTE_PATHS = ("auto", *PAIR_MATH, "fused", "loop")
 
 
 class MixLoraMoeBlock(nn.Module):
@@ -57,14 +57,15 @@ class MixLoraMoeBlock(nn.Module):
         """Experts held here: all of them, or a slice under expert parallelism (``keep_experts``)."""
         self.act_fn = act_fn
         self._fused_fallbacks: set[str] = set()
-        self.compute_path = "loop" if settings.use_dora else "dense"
-        """"dense" (the default: masked GEMMs over all experts, the fastest measured; BENCHMARKS.md
-        compares the paths) or "grouped" (pairs sorted by expert, one grouped matmul per projection),
-        the folded paths of ``pair_math.PAIR_MATH``; "fused" (Triton kernels for the per-pair work,
-        ``experts_fused.py``: CUDA and a gated FFN with a SiLU or tanh-GELU activation; it keeps less
-        activation memory than the dense path; falls back to "dense" where it cannot run); or "loop"
-        (the reference). DoRA experts need "loop": their per-expert output rescaling does not commute
-        with the shared down projection."""
+        self.compute_path = "loop" if settings.use_dora else "auto"
+        """"auto" (the default): "fused" on CUDA where it covers the block, else "dense" (the fastest
+        measured on each; BENCHMARKS.md compares the paths). "dense": masked GEMMs over all experts;
+        "grouped": pairs sorted by expert, one grouped matmul per projection (the folded paths of
+        ``pair_math.PAIR_MATH``); "fused": the per-pair work as one custom op, low-rank GEMMs plus an
+        element-wise pass each way in Triton (``experts_fused.py``; gated FFNs with a SiLU or tanh-GELU
+        activation; falls back to "dense" with a warning elsewhere); "loop": the reference. DoRA
+        experts need "loop": their per-expert output rescaling does not commute with the shared down
+        projection."""
         self.recompute = True
         """Recompute per-pair intermediates in backward instead of storing them."""
         self.compiled: bool | None = None
@@ -117,13 +118,17 @@ class MixLoraMoeBlock(nn.Module):
         compiled = tokens.x_ND.is_cuda if self.compiled is None else self.compiled
         if self.fused_ffn is not None and tokens.x_ND.dtype == self.fused_ffn.dtype:
             return self.fused_ffn(tokens, self.num_local_experts, compiled=compiled)
-        if self.compute_path == "loop":
+        path = self.compute_path
+        if path == "auto":
+            covered = fused_unsupported_reason(self.ffn, self.experts, self.act_fn) is None
+            path = "fused" if tokens.x_ND.is_cuda and covered else "dense"
+        if path == "loop":
             return ffn_loop(self.ffn, self.experts, tokens, self.num_local_experts)
-        if self.compute_path == "fused" and self._fused_ok():
+        if path == "fused" and self._fused_ok():
             # The custom op recomputes its per-pair intermediates in backward itself.
             return folded_ffn(self.ffn, self.experts, tokens, self.num_local_experts,
                               fused_pair_math_for(self.act_fn), recompute=False)
-        path = "dense" if self.compute_path == "fused" else self.compute_path
+        path = "dense" if path == "fused" else path
         return folded_ffn(self.ffn, self.experts, tokens, self.num_local_experts, PAIR_MATH[path],
                           recompute=self.recompute, compiled=compiled and path == "dense")
 
@@ -149,8 +154,8 @@ def set_compute_path(model: nn.Module, path: str, compiled: bool | None = None) 
     (PyTorch's donated buffers; seen on H200s), or ``compiled=False``."""
     if path not in COMPUTE_PATHS:
         raise ValueError(f"compute path must be one of {COMPUTE_PATHS}, got {path!r}")
-    if compiled and path not in ("dense", "fused"):  # None and False are fine for any path
-        raise ValueError("compiled=True applies to the 'dense' compute path (and 'fused' where it falls back to it)")
+    if compiled and path not in ("auto", "dense", "fused"):  # None and False are fine for any path
+        raise ValueError("compiled=True applies to the 'dense' compute path (and 'auto' / 'fused' where they use it)")
     for block in moe_blocks(model):
         if path != "loop" and block.config.expert_settings().use_dora:
             raise ValueError("DoRA experts support only the 'loop' compute path")

@@ -194,3 +194,11 @@ def test_bf16_inference_form_matches_float64(compiled):
         got = prepared(ids.cuda(), attention_mask=mask.cuda()).logits
     keep = mask.bool()
     assert rel_err(got.double().cpu()[keep], expected[keep]) <= 5e-2
+
+
+def test_default_path_is_fused_on_cuda():
+    """``auto`` (the default) runs the fused op on CUDA: the same numbers as asking for it by name."""
+    overrides = dict(num_experts=4, top_k=2)
+    fused = _train_step("llama", overrides, "fused", torch.bfloat16, "cuda")[:2]
+    auto = _train_step("llama", overrides, "auto", torch.bfloat16, "cuda")[:2]
+    _assert_close(auto, fused, 1e-6)
