@@ -9,7 +9,7 @@ on its 3 projections, mixlora_ds masked-dense and grouped (fp32 and bf16 adapter
 
 ``--roofline`` (GPU) then times each piece of the fused per-pair op (its GEMMs and element-wise passes)
 and a frozen GEMM alone, and prints for each the bytes it must move and the FLOPs it must do, the time those take at the given bandwidth and matrix
-rate (default: H200, 4.3 TB/s and 790 bf16 TFLOP/s), and the time measured.
+rate (default by GPU: ``PEAKS``), and the time measured.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def main() -> None:
                     "loop,reference")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--roofline", action="store_true", help="time the pieces of the fused op and a frozen GEMM alone")
-    ap.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the roofline")
-    ap.add_argument("--flops", type=float, default=790e12, help="bf16 matrix FLOP/s for the roofline")
+    ap.add_argument("--bandwidth", type=float, default=None, help="bytes/s for the roofline (default: by GPU)")
+    ap.add_argument("--flops", type=float, default=None, help="bf16 matrix FLOP/s for the roofline (default: by GPU)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     cfg = LlamaConfig(hidden_size=64 if args.tiny else 4096, intermediate_size=176 if args.tiny else 11008)
@@ -130,7 +130,17 @@ def main() -> None:
 
     print("grouped_mm fell back to the loop for:", sorted(grouped_mm._UNSUPPORTED) or "nothing")
     if args.roofline and device == "cuda":
-        roofline(tokens, cfg.hidden_size, cfg.intermediate_size, args.experts, 2, 16, args.bandwidth, args.flops)
+        bandwidth, flops = PEAKS["H100" if "H100" in torch.cuda.get_device_name() else "H200"]
+        roofline(tokens, cfg.hidden_size, cfg.intermediate_size, args.experts, 2, 16, args.bandwidth or bandwidth,
+                 args.flops or flops)
+
+
+PEAKS = {"H100": (3.35e12, 989e12), "H200": (4.3e12, 790e12)}
+"""Memory bandwidth (bytes/s) and dense bf16 matrix rate (FLOP/s) the roofline assumes: the H100 SXM
+data sheet; for the H200 the figures its issue states."""
+
+TILES = [(4, 512, 4), (16, 128, 4), (8, 512, 8), (2, 1024, 4), (16, 256, 8), (8, 128, 4)]
+"""Other (tokens, columns, warps) tiles of the element-wise passes that ``--roofline`` times."""
 
 
 def roofline(T: int, D: int, I: int, E: int, K: int, r: int, bandwidth: float, flops: float) -> None:
@@ -154,7 +164,8 @@ def roofline(T: int, D: int, I: int, E: int, K: int, r: int, bandwidth: float, f
     code_P = pair_op._pair_rows(code1, own)
     DG, DU, Q, HD = code_P @ B1, code_P @ B3, code_P @ A2, rnd(P, I)
     mixed, dgate, dup = torch.empty_like(G), torch.empty_like(G), torch.empty_like(G)
-    dw_part = torch.empty(triton_pair.grid(T, I)[1], T, K, device="cuda")
+    dw_part_for = lambda tile: torch.empty(triton_pair.grid(T, I, tile)[1], T, K, device="cuda")  # noqa: E731
+    dw_part = dw_part_for(triton_pair.TILE)
     args = (G, U, code1, code3, B1, B3, A2, expert, weight, seed, r, 0.05, "silu")
     bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e-3  # noqa: E731
     two = 2  # bytes per bf16 element
@@ -175,6 +186,12 @@ def roofline(T: int, D: int, I: int, E: int, K: int, r: int, bandwidth: float, f
         ("whole op bwd", lambda: torch.ops.mixlora_ds.pair_ffn_backward(DM, gcode, *args),
          8 * low_rank[0], 8 * low_rank[1] + two * (5 * T * I + 6 * P * I)),
     ]
+    rows += [(f"element-wise pass {way}, tile {tile}", fn, 0, nbytes) for tile in TILES for way, fn, nbytes in (
+        ("fwd", lambda tile=tile: triton_pair.forward(G, U, DG, DU, weight, seed, mixed, HD, 0.05, "silu", K, tile),
+         two * (3 * T * I + 3 * P * I)),
+        ("bwd", lambda tile=tile: triton_pair.backward(G, U, DG, DU, DM, Q, weight, seed, dgate, dup,
+                                                       dw_part_for(tile), 0.05, "silu", K, tile),
+         two * (5 * T * I + 6 * P * I)))]
     print(f"\nroofline: {T} tokens, D {D}, I {I}, E {E}, top-{K}, r {r}; "
           f"{bandwidth / 1e12:.1f} TB/s, {flops / 1e12:.0f} TFLOP/s")
     print(f"{'piece':<42}{'GFLOP':>8}{'MB':>8}{'floor us':>10}{'measured us':>13}{'of floor':>10}")

@@ -91,8 +91,8 @@ def _ids(batch=3, seq=11, seed=0):
 
 
 def _train_step(model_type, overrides, path, dtype, device, dropout=0.0, compile_layers=False, checkpointing=False,
-                rng_seed=0):
-    model = tiny_model(model_type).to(dtype)
+                rng_seed=0, layers=None):
+    model = tiny_model(model_type, **({} if layers is None else {"num_hidden_layers": layers})).to(dtype)
     kwargs = dict(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets_for(model_type))
     kwargs.update(overrides)
     inject_mixlora(model, MixLoraConfig(**kwargs), adapter_dtype=dtype)
@@ -134,9 +134,13 @@ def _assert_close(a, b, tol):
 def test_fused_model_matches_loop(model_type, overrides, dtype):
     """Against the loop path on the GPU in the same dtype: fp32 within 1e-4 (rounding only: against
     float64, switch capacity can route differently and a top-1 router's gradient cancels to ~1e-5
-    relative in either path; the float64 maths is checked on CPU), bf16 within 5e-2."""
-    truth = _train_step(model_type, overrides, "loop", dtype, "cuda")[:2]
-    logits, grads, blocks = _train_step(model_type, overrides, "fused", dtype, "cuda")
+    relative in either path; the float64 maths is checked on CPU), bf16 within 5e-2 on one decoder
+    layer (with two, the paths' different rounding of the first layer's output can flip a near tie
+    in the second layer's top-k, and a flipped token moves every gradient of that layer; the first
+    layer's routing is the same for both, its inputs being)."""
+    layers = 1 if dtype == torch.bfloat16 else None
+    truth = _train_step(model_type, overrides, "loop", dtype, "cuda", layers=layers)[:2]
+    logits, grads, blocks = _train_step(model_type, overrides, "fused", dtype, "cuda", layers=layers)
     assert all(b._fused_ok() for b in blocks)  # no fallback
     _assert_close((logits, grads), truth, 1e-4 if dtype == torch.float32 else 5e-2)
 
@@ -177,8 +181,9 @@ def test_compiled_dense_path_matches_float64_loop():
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_bf16_inference_form_matches_float64(compiled):
-    """The fused inference form (``prepare_for_inference``) in bf16 on GPU, eager and compiled."""
-    truth = tiny_model("llama").double()
+    """The fused inference form (``prepare_for_inference``) in bf16 on GPU, eager and compiled; one
+    decoder layer, so bf16 rounding cannot flip a later layer's routing (see above)."""
+    truth = tiny_model("llama", num_hidden_layers=1).double()
     inject_mixlora(truth, MixLoraConfig(r=4, lora_alpha=8, num_experts=4, top_k=2,
                                         target_modules=targets_for("llama")), torch.float64)
     randomize_adapter(truth)
@@ -199,6 +204,6 @@ def test_bf16_inference_form_matches_float64(compiled):
 def test_default_path_is_fused_on_cuda():
     """``auto`` (the default) runs the fused op on CUDA: the same numbers as asking for it by name."""
     overrides = dict(num_experts=4, top_k=2)
-    fused = _train_step("llama", overrides, "fused", torch.bfloat16, "cuda")[:2]
-    auto = _train_step("llama", overrides, "auto", torch.bfloat16, "cuda")[:2]
+    fused = _train_step("llama", overrides, "fused", torch.float32, "cuda")[:2]
+    auto = _train_step("llama", overrides, "auto", torch.float32, "cuda")[:2]
     _assert_close(auto, fused, 1e-6)

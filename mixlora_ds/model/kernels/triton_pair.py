@@ -33,9 +33,9 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Triton's interpreter (set before triton is imported) runs the kernels on CPU tensors, for tests."""
 
-BLOCK_T, BLOCK_I, NUM_WARPS = (4, 16, 1) if INTERPRETED else (8, 256, 4)
-"""Tile: tokens x columns. Element-wise and memory-bound, so any tile of a few thousand elements with
-whole 512-byte row segments streams at full bandwidth; small under the interpreter."""
+TILE = (4, 16, 1) if INTERPRETED else (8, 256, 4)
+"""(tokens, columns, warps) per program; small under the interpreter. ``bench_moe_block.py
+--roofline`` times other tiles."""
 
 
 @triton.jit
@@ -151,24 +151,25 @@ def _pair_bwd(G, U, DG, DU, DM, Q, W, SEED, DGATE, DUP, DW_PART, T, I, p_drop, d
     tl.store(DUP + offs, dup.to(DUP.dtype.element_ty), mask=mask)
 
 
-def grid(T: int, I: int) -> tuple[int, int]:
-    return triton.cdiv(T, BLOCK_T), triton.cdiv(I, BLOCK_I)
+def grid(T: int, I: int, tile=TILE) -> tuple[int, int]:
+    return triton.cdiv(T, tile[0]), triton.cdiv(I, tile[1])
 
 
-def forward(G, U, DG, DU, W, seed, mixed, HD, p: float, act: str, K: int) -> None:
+def forward(G, U, DG, DU, W, seed, mixed, HD, p: float, act: str, K: int, tile=TILE) -> None:
     """Launch the forward pass; absent per-pair tensors (None) are left out of the maths."""
     T, I = G.shape
     flags = _flags(DG, DU, HD, p, act)
-    _pair_fwd[grid(T, I)](G, U, _or(DG, G), _or(DU, G), W, seed, mixed, _or(HD, G), T, I, p, _scale(p),
-                          K=K, **flags, BT=BLOCK_T, BI=BLOCK_I, num_warps=NUM_WARPS)
+    _pair_fwd[grid(T, I, tile)](G, U, _or(DG, G), _or(DU, G), W, seed, mixed, _or(HD, G), T, I, p, _scale(p),
+                                K=K, **flags, BT=tile[0], BI=tile[1], num_warps=tile[2])
 
 
-def backward(G, U, DG, DU, DM, Q, W, seed, dgate, dup, dw_part, p: float, act: str, K: int) -> None:
-    """Launch the backward pass (in place over DG, DU and Q; see ``_pair_bwd``)."""
+def backward(G, U, DG, DU, DM, Q, W, seed, dgate, dup, dw_part, p: float, act: str, K: int, tile=TILE) -> None:
+    """Launch the backward pass (in place over DG, DU and Q; see ``_pair_bwd``); ``dw_part`` has one
+    row per column tile, ``grid(T, I, tile)[1]``."""
     T, I = G.shape
     flags = _flags(DG, DU, Q, p, act)
-    _pair_bwd[grid(T, I)](G, U, _or(DG, G), _or(DU, G), DM, _or(Q, G), W, seed, dgate, dup, dw_part, T, I, p,
-                          _scale(p), K=K, **flags, BT=BLOCK_T, BI=BLOCK_I, num_warps=NUM_WARPS)
+    _pair_bwd[grid(T, I, tile)](G, U, _or(DG, G), _or(DU, G), DM, _or(Q, G), W, seed, dgate, dup, dw_part, T, I,
+                                p, _scale(p), K=K, **flags, BT=tile[0], BI=tile[1], num_warps=tile[2])
 
 
 def _flags(DG, DU, out, p: float, act: str) -> dict:
