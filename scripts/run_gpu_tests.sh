@@ -4,7 +4,6 @@
 set -eo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
-export MIXLORA_FUSED_AUTOTUNE="${MIXLORA_FUSED_AUTOTUNE:-0}"  # one tile config: many shapes
 export PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'" 
 # The kernels' maths on CPU tensors through Triton's interpreter (its own process: the variable must be
