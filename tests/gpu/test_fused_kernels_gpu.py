@@ -27,7 +27,7 @@ FP32_TOL, BF16_TOL = 1e-5, 2e-2
 @pytest.fixture(autouse=True, scope="module")
 def _needs_cuda():
     assert torch.cuda.is_available(), "gpu tests need a CUDA device (CPU CI deselects them with -m 'not gpu')"
-    import mixlora_ds.model.kernels.pair_op  # noqa: F401  (fails loudly without triton)
+    import mixlora_ds.model.kernels.triton_pair  # noqa: F401  (fails loudly without triton)
 
 
 KERNEL_CASES = [
