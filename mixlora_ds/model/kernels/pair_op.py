@@ -71,11 +71,15 @@ def _width(B1, B3, A2) -> int:
     return next(t for t in (B1, B3, A2) if t is not None).shape[0]
 
 
-def _deltas(code1, code3, B1, B3, own):
+def _deltas(code1_P, code3_P, B1, B3):
     """The slots' expert deltas of the gate and up pre-activations, [P, I] each (None without a LoRA)."""
-    DG = _pair_rows(code1, own) @ B1 if code1 is not None else None
-    DU = _pair_rows(code3, own) @ B3 if code3 is not None else None
+    DG = code1_P @ B1 if code1_P is not None else None
+    DU = code3_P @ B3 if code3_P is not None else None
     return DG, DU
+
+
+def _rows_or_none(code_TR, own_TKR):
+    return _pair_rows(code_TR, own_TKR) if code_TR is not None else None
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::pair_ffn", mutates_args=())
@@ -95,7 +99,7 @@ def pair_ffn(gate: torch.Tensor, up: torch.Tensor, code1: torch.Tensor | None, c
     if T == 0:
         return mixed, gate.new_zeros(0, ER if A2 is not None else 0, dtype=acc)
     own = _own(expert_TK, ER, rank, gate.dtype)
-    DG, DU = _deltas(code1, code3, B1, B3, own)
+    DG, DU = _deltas(_rows_or_none(code1, own), _rows_or_none(code3, own), B1, B3)
     HD = gate.new_empty(T * K, I) if A2 is not None else None
     _passes(gate).forward(gate, up, DG, DU, weight_TK, seed, mixed, HD, p, act, K)
     if A2 is None:
@@ -135,20 +139,21 @@ def pair_ffn_backward(grad_mixed: torch.Tensor, grad_code: torch.Tensor, gate: t
     own = _own(expert_TK, ER, rank, dtype)
     dcode_P = _pair_rows(grad_code.to(dtype), own) if A2 is not None else None
     Q = dcode_P @ A2 if A2 is not None else None  # becomes HD in the pass
-    DG, DU = _deltas(code1, code3, B1, B3, own)  # become dg, du in the pass
+    code1_P, code3_P = _rows_or_none(code1, own), _rows_or_none(code3, own)
+    DG, DU = _deltas(code1_P, code3_P, B1, B3)  # become dg, du in the pass
     passes = _passes(gate)
     tiles = triton_pair.grid(T, I)[1] if passes is triton_pair else 1
     dw_part = torch.empty(tiles, T, K, device=gate.device, dtype=acc)
     passes.backward(gate, up, DG, DU, grad_mixed, Q, weight_TK, seed, dgate, dup, dw_part, p, act, K)
 
-    def lora_grads(code, B, dpre):
-        if code is None:
+    def lora_grads(code_P, B, dpre):
+        if code_P is None:
             return empty(), empty()
         dcode = ((dpre @ B.t()).view(T, K, ER) * own).sum(1)
-        return dcode, _pair_rows(code, own).t() @ dpre
+        return dcode, code_P.t() @ dpre
 
-    dcode1, dB1 = lora_grads(code1, B1, DG)
-    dcode3, dB3 = lora_grads(code3, B3, DU)
+    dcode1, dB1 = lora_grads(code1_P, B1, DG)
+    dcode3, dB3 = lora_grads(code3_P, B3, DU)
     dA2 = (dcode_P * weight_TK.view(-1, 1).to(dtype)).t() @ Q if A2 is not None else empty()
     return [dgate, dup, dcode1, dcode3, dB1, dB3, dA2, dw_part.sum(0)]
 
