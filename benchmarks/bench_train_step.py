@@ -14,7 +14,9 @@ Variants, each on a fresh random bf16 model in the same process:
                   compute path; ``-pairc`` compiles the dense path's per-pair math
   ...-compiled    any variant with every decoder layer's forward through ``torch.compile`` (what
                   ``model.compile: true`` does); e.g. ``base-compiled``, ``mixlora_ds-bf16-fused-compiled``
-Reports tokens/s (median of timed steps) and peak memory. Per-block view: ``bench_moe_block.py``.
+Reports tokens/s (median of timed steps) and peak memory; ``--profile N`` then profiles N more steps
+and prints the GPU kernels by time per step and the host's operators by self time (whether the GPU
+or the host sets the pace). Per-block view: ``bench_moe_block.py``.
 """
 
 from __future__ import annotations
@@ -129,15 +131,16 @@ def attach_reference(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
-def time_steps(model, params, batch, seq, vocab, steps, warmup, device):
+def time_steps(model, params, batch, seq, vocab, steps, warmup, device, profile_steps=0):
+    """Median step seconds; with ``profile_steps``, that many more steps under torch.profiler, whose
+    GPU kernels are then printed by total time per step."""
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
     times = []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for step in range(warmup + steps):
-        sync()
-        t0 = time.perf_counter()
+
+    def step():
         out = model(input_ids=ids, labels=ids)
         loss = out.loss
         if hasattr(model, "mixlora_config"):
@@ -148,10 +151,45 @@ def time_steps(model, params, batch, seq, vocab, steps, warmup, device):
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+
+    for i in range(warmup + steps):
         sync()
-        if step >= warmup:
+        t0 = time.perf_counter()
+        step()
+        sync()
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
+    if profile_steps:
+        print_kernel_profile(step, profile_steps, sync)
     return statistics.median(times)
+
+
+def print_kernel_profile(step, n: int, sync, top: int = 30) -> None:
+    """The GPU kernels of ``n`` steps, by total time per step, and how busy the GPU was."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / n
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name, [0.0, 0])
+            k[0] += e.device_time / 1e3 / n
+            k[1] += 1 / n
+    busy = sum(v[0] for v in kernels.values())
+    print(f"  profile: {wall_ms:.1f} ms/step under the profiler, GPU kernels {busy:.1f} ms/step")
+    for name, (ms, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {ms:8.2f} ms {count:7.0f}x  {name[:110]}")
+    print("  host: operators by self CPU time per step")
+    ops = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top // 2]:
+        print(f"  {e.self_cpu_time_total / 1e3 / n:8.2f} ms {e.count / n:7.0f}x  {e.key[:110]}")
 
 
 def run_variant(variant, cfg, args, device):
@@ -159,7 +197,8 @@ def run_variant(variant, cfg, args, device):
     params = attach(variant, model)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sec = time_steps(model, params, args.batch, args.seq, cfg.vocab_size, args.steps, args.warmup, device)
+    sec = time_steps(model, params, args.batch, args.seq, cfg.vocab_size, args.steps, args.warmup, device,
+                     args.profile)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     n_train = sum(p.numel() for p in params)
     del model, params
@@ -182,6 +221,8 @@ def main() -> None:
                     "mixlora_ds-bf16-fused-compiled")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, profile this many steps and print the GPU kernels by time")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
