@@ -25,21 +25,17 @@ def write(tmp_path, text, name="run.yaml"):
     return str(p)
 
 
-def test_unknown_key_names_file_line_and_known_keys(tmp_path):
-    path = write(tmp_path, "seed: 1\noptim:\n  lr: 1.0e-4\n  lrr: 2\n")
+@pytest.mark.parametrize("text, key, known", [
+    ("seed: 1\noptim:\n  lr: 1.0e-4\n  lrr: 2\n", "optim.lrr", "max_grad_norm"),
+    ("seed: 1\nadapter:\n  r: 8\n  num_expert: 4\n", "adapter.num_expert", "num_experts"),  # the adapter's own keys
+])
+def test_unknown_key_names_file_line_and_known_keys(tmp_path, text, key, known):
+    path = write(tmp_path, text)
     with pytest.raises(TrainConfigError) as e:
         load_config(path)
     msg = str(e.value)
-    assert msg.startswith(f"{path}:4:") and "unknown key 'optim.lrr'" in msg and "max_grad_norm" in msg
-
-
-def test_unknown_adapter_key_names_its_line_and_the_known_keys(tmp_path):
-    path = write(tmp_path, "seed: 1\nadapter:\n  r: 8\n  num_expert: 4\n")
-    with pytest.raises(TrainConfigError) as e:
-        load_config(path)
-    msg = str(e.value)
-    assert msg.startswith(f"{path}:4:") and "unknown key 'adapter.num_expert'" in msg and "num_experts" in msg
-    assert e.value.key == "adapter.num_expert"
+    assert msg.startswith(f"{path}:4:") and f"unknown key '{key}'" in msg and known in msg
+    assert e.value.key == key
 
 
 def test_type_errors_and_yaml_number_quirk(tmp_path):
