@@ -132,8 +132,8 @@ def attach_reference(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def time_steps(model, params, batch, seq, vocab, steps, warmup, device, profile_steps=0):
-    """Median step seconds; with ``profile_steps``, that many more steps under torch.profiler, whose
-    GPU kernels are then printed by total time per step."""
+    """Median step seconds; with ``profile_steps``, that many more steps under torch.profiler
+    (``print_kernel_profile``)."""
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), device=device, generator=gen)
@@ -165,7 +165,8 @@ def time_steps(model, params, batch, seq, vocab, steps, warmup, device, profile_
 
 
 def print_kernel_profile(step, n: int, sync, top: int = 30) -> None:
-    """The GPU kernels of ``n`` steps, by total time per step, and how busy the GPU was."""
+    """Profile ``n`` steps: how busy the GPU was, its kernels by time per step, and the host's
+    operators by self time per step."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
