@@ -14,6 +14,7 @@ Variants, each on a fresh random bf16 model in the same process:
                   compute path; ``-pairc`` compiles the dense path's per-pair math
   ...-compiled    any variant with every decoder layer's forward through ``torch.compile`` (what
                   ``model.compile: true`` does); e.g. ``base-compiled``, ``mixlora_ds-bf16-fused-compiled``
+  ...-compiled-graphs  the same, replayed as CUDA graphs (``model.cuda_graphs: true``)
 Reports tokens/s (median of timed steps) and peak memory; ``--profile N`` then profiles N more steps
 and prints the GPU kernels by time per step and the host's operators by self time (whether the GPU
 or the host sets the pace). Per-block view: ``bench_moe_block.py``.
@@ -29,6 +30,8 @@ import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from mixlora_ds.train.compiled_layers import begin_step, compile_layers, copy_gradients_out
 
 EXPERTS = [8, 2]  # MixLoRA experts, top-k (set from the command line)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -55,11 +58,13 @@ def fresh_model(cfg: LlamaConfig, device: str) -> torch.nn.Module:
 def attach(variant: str, model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Add the variant's adapter (``-compiled`` then compiles every decoder layer); return the
     parameters the optimizer trains."""
-    if variant.endswith("-compiled"):
-        params = attach(variant[: -len("-compiled")], model)
-        for layer in model.model.layers:
-            layer.compile()
-        return params
+    for suffix, graphs in (("-compiled-graphs", True), ("-compiled", False)):
+        if variant.endswith(suffix):
+            params = attach(variant[: -len(suffix)], model)
+            compile_layers(model.model.layers, cuda_graphs=graphs)
+            if graphs:
+                copy_gradients_out(params)  # what the trainer does (it accumulates gradients)
+            return params
     if variant == "base":
         model.enable_input_require_grads()
         return []
@@ -131,7 +136,7 @@ def attach_reference(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
-def time_steps(model, params, batch, seq, vocab, steps, warmup, device, profile_steps=0):
+def time_steps(model, params, batch, seq, vocab, steps, warmup, device, profile_steps=0, graphs=False):
     """Median step seconds; with ``profile_steps``, that many more steps under torch.profiler
     (``print_kernel_profile``)."""
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None
@@ -141,6 +146,8 @@ def time_steps(model, params, batch, seq, vocab, steps, warmup, device, profile_
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
+        if graphs:
+            begin_step()
         out = model(input_ids=ids, labels=ids)
         loss = out.loss
         if hasattr(model, "mixlora_config"):
@@ -198,8 +205,12 @@ def run_variant(variant, cfg, args, device):
     params = attach(variant, model)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    skips_before = cudagraph_skips()
     sec = time_steps(model, params, args.batch, args.seq, cfg.vocab_size, args.steps, args.warmup, device,
-                     args.profile)
+                     args.profile, graphs=variant.endswith("-graphs"))
+    skipped = cudagraph_skips() - skips_before
+    if skipped:
+        print(f"  {variant}: Inductor ran {skipped} compiled graph(s) without CUDA graphs (TORCH_LOGS=perf_hints says why)")
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     n_train = sum(p.numel() for p in params)
     del model, params
@@ -207,7 +218,14 @@ def run_variant(variant, cfg, args, device):
     if device == "cuda":
         torch.cuda.empty_cache()
     return {"variant": variant, "tokens_per_s": args.batch * args.seq / sec, "step_s": sec, "peak_gib": peak,
-            "trainable_params": n_train}
+            "trainable_params": n_train, "cudagraph_skips": skipped}
+
+
+def cudagraph_skips() -> int:
+    """Compiled graphs Inductor has run without CUDA graphs so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def main() -> None:

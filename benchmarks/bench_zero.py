@@ -113,7 +113,8 @@ def make_config(args, world: int):
     cfg.model.config = dict(MODELS[args.model])
     cfg.model.attn_implementation = args.attn
     cfg.model.gradient_checkpointing = args.checkpointing
-    cfg.model.compile = args.compile
+    cfg.model.compile = args.compile or args.cuda_graphs
+    cfg.model.cuda_graphs = args.cuda_graphs
     cfg.adapter = MixLoraConfig(**ADAPTERS[args.adapter])
     cfg.batch.micro_batch_size = args.micro
     cfg.batch.global_batch_size = args.micro * world
@@ -177,6 +178,7 @@ def run_case(args) -> dict:
     precision = resolve_precision(cfg, device.type)
     from mixlora_ds.train.base_model import hf_config_for
     from mixlora_ds.train.build import build_model, count_parameters, start_engine
+    from mixlora_ds.train.compiled_layers import begin_step
     from mixlora_ds.train.plan import ModelPlan
 
     torch.manual_seed(0)
@@ -216,6 +218,8 @@ def run_case(args) -> dict:
     ids = torch.randint(3, vocab, (args.micro, args.seq), generator=g).to(device)
 
     def forward():
+        if args.cuda_graphs:
+            begin_step()
         logits = model(input_ids=ids).logits
         return torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
 
@@ -392,9 +396,9 @@ def sweep(args) -> None:
                        "--adapter", adapter, "--model", args.model, "--micro", str(args.micro), "--seq",
                        str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision",
                        args.precision, "--attn", args.attn, "--workdir", args.workdir, "--gc-every", str(args.gc_every)]
-                for flag in ("compile", "check", "checkpointing", "profile"):
+                for flag in ("compile", "cuda_graphs", "check", "checkpointing", "profile"):
                     if getattr(args, flag):
-                        cmd.append(f"--{flag}")
+                        cmd.append(f"--{flag.replace('_', '-')}")
                 if args.trace:
                     cmd += ["--trace", args.trace]
                 env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
@@ -458,6 +462,8 @@ def main() -> None:
         s.add_argument("--compile", action="store_true",
                        help="torch.compile each decoder layer's forward, the training config's model.compile "
                             "(not with DeepSpeed's stage-3 engine)")
+        s.add_argument("--cuda-graphs", action="store_true",
+                       help="--compile, replayed as CUDA graphs: the training config's model.cuda_graphs (ZeRO-2)")
         s.add_argument("--gc-every", type=int, default=TrainConfig.gc_every_steps,
                        help="Python GC every N steps on all ranks (0: CPython's automatic collector)")
         s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

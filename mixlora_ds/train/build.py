@@ -22,6 +22,7 @@ import torch.nn as nn
 
 import mixlora_ds.parallel  # noqa: F401 - registers the sharded base's gatherer (model/partitioned.py)
 from mixlora_ds.model.experts import is_expert_param
+from mixlora_ds.train.compiled_layers import compile_layers, copy_gradients_out
 from mixlora_ds.train.config import TrainConfig
 from mixlora_ds.train.plan import ModelPlan
 
@@ -88,10 +89,9 @@ def build_model(plan: ModelPlan) -> BuiltModel:
         sharded = shard_frozen_base_of(cfg, model, layers, dtype)
         hf_ds = None  # construction is over: later from_config calls must not enter zero.Init
     if cfg.model.compile:
-        for layer in layers:
-            # The forward only: module hooks (the sharded base's) stay outside the graph. Identical
-            # layers share one compiled graph.
-            layer.forward = torch.compile(layer.forward)
+        compile_layers(layers, cuda_graphs=cfg.model.cuda_graphs)
+        if cfg.model.cuda_graphs:
+            copy_gradients_out([p for _, p in trainable])
     return BuiltModel(model, trainable, hf_ds, sharded, expert_parallel)
 
 

@@ -88,12 +88,26 @@ class ModelSection:
     step is bound by host-side launch work, which compiling removes (BENCHMARKS.md, "The host is the
     bottleneck"). Any ZeRO stage, except ZeRO-3 with ``deepspeed.zero3_impl: deepspeed``, whose
     parameter hooks run inside the layers."""
+    cuda_graphs: bool = False
+    """With ``compile``: replay each compiled layer's forward and backward as CUDA graphs
+    (``torch.compile`` mode "reduce-overhead"), so the host launches a layer's kernels at once; for
+    small micro-batches, where the compiled step still waits on the host (BENCHMARKS.md, "CUDA
+    graphs for the compiled layers"; not yet measured on a GPU, hence off). CUDA only; not with
+    ZeRO-3, activation checkpointing or expert parallelism (weights regathered into new memory,
+    recomputed layers and data-dependent all-to-all sizes do not replay)."""
     trust_remote_code: bool = False
     init_adapter: str | None = None
     """An adapter directory (reference format, e.g. an earlier run's ``adapter``) to start from
     instead of a fresh initialisation: its config must describe the same adapter as ``adapter``
     (type, rank, alpha, experts, routing, targets). Under expert parallelism each rank takes its own
     experts from it. Optimizer state starts fresh; to continue a run exactly, resume its checkpoint."""
+
+    def __post_init__(self) -> None:
+        if self.cuda_graphs:
+            _require(self.compile, "cuda_graphs", "needs model.compile: true (the graphs are the compiled layers')")
+            _require(not self.gradient_checkpointing, "cuda_graphs",
+                     "does not work with model.gradient_checkpointing: true (a recomputed layer does not "
+                     "replay); turn one of them off")
 
 
 @dataclass

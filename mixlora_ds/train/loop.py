@@ -28,6 +28,7 @@ from mixlora_ds import dist
 from mixlora_ds.train.batches import (IGNORE, BatchStream, answer_token_count, model_inputs, real_token_mask,
                                       token_ce)
 from mixlora_ds.train.checkpoint import CheckpointError, CheckpointManager
+from mixlora_ds.train.compiled_layers import begin_step
 from mixlora_ds.train.config import TrainConfig, dump_config
 from mixlora_ds.train.ds_config import zero_stage
 from mixlora_ds.train.gc_schedule import ScheduledGC
@@ -258,6 +259,7 @@ class Trainer:
         ce_sum = aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in batches:
             inputs = model_inputs(batch, self.cfg.model.attn_implementation, self.device, self.compute_dtype)
+            self._begin_forward()
             logits = engine(**inputs).logits
             labels = batch["labels"].to(self.device)
             ce_BS = token_ce(logits, labels)
@@ -282,6 +284,10 @@ class Trainer:
         iv.lr.append(lr)
         iv.grad_norm.append(engine.get_global_grad_norm())
         return True
+
+    def _begin_forward(self) -> None:
+        if self.cfg.model.cuda_graphs:
+            begin_step()  # this forward's replays may overwrite the last one's outputs (all read by now)
 
     def _aux_loss(self, real_BS: torch.Tensor) -> torch.Tensor:
         if not self.is_moe:
@@ -448,6 +454,7 @@ class Trainer:
                 rows_i = chunks[i] if real else (chunks[-1] if chunks else [0])
                 batch = collate_packed([ds[j] for j in rows_i], attention_mask=self.dense_mask)
                 inputs = model_inputs(batch, self.cfg.model.attn_implementation, self.device, self.compute_dtype)
+                self._begin_forward()
                 ce = token_ce(self.engine(**inputs).logits, batch["labels"].to(self.device))
                 if real:
                     sums[0] += ce.sum().double()

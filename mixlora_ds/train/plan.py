@@ -97,7 +97,7 @@ def make_plan(cfg: TrainConfig, world_size: int, device: str | None = None) -> R
     grad_accum = ds_config["gradient_accumulation_steps"]
     shards_base = shards_base_itself(cfg, ds_config)
     engine_config = engine_ds_config(cfg, ds_config)
-    check_compile(cfg, stage, shards_base)
+    check_compile(cfg, stage, shards_base, device)
     check_expert_parallel(cfg, world_size, stage, shards_base)
     check_gather_transport(cfg, shards_base, device)
 
@@ -124,11 +124,22 @@ def check_attention(cfg: TrainConfig, device: str) -> None:
         raise cfg.error("model.attn_implementation", "flash attention needs a GPU; use sdpa on CPU")
 
 
-def check_compile(cfg: TrainConfig, stage: int, shards_base: bool) -> None:
+def check_compile(cfg: TrainConfig, stage: int, shards_base: bool, device: str) -> None:
     if cfg.model.compile and stage == 3 and not shards_base:
         raise cfg.error("model.compile", "model.compile does not work with deepspeed.zero3_impl: deepspeed "
                                          "(DeepSpeed's stage-3 parameter hooks run inside the compiled layers); "
                                          "use zero3_impl: mixlora_ds, or model.compile: false")
+    if not cfg.model.cuda_graphs:
+        return
+    why = None
+    if device != "cuda":
+        why = f"needs CUDA GPUs, this run is on {device}"
+    elif stage == 3:
+        why = "does not work with ZeRO-3 (each step gathers the layers' weights into new memory)"
+    elif cfg.parallel.expert_parallel_size > 1:
+        why = "does not work with expert parallelism (the all-to-all's sizes depend on the routing)"
+    if why:
+        raise cfg.error("model.cuda_graphs", f"model.cuda_graphs {why}; set model.cuda_graphs: false")
 
 
 def check_gather_transport(cfg: TrainConfig, shards_base: bool, device: str) -> None:

@@ -21,6 +21,8 @@ CASES = {
                        ["adapter.target_modules", "['fc1']", "not found in the llama model"]),
     "compile_under_deepspeed_zero3": ({"model__compile": True, "deepspeed__zero3_impl": "deepspeed"},
                                       ["model.compile", "zero3_impl: deepspeed", "zero3_impl: mixlora_ds"]),
+    "cuda_graphs_on_cpu": ({"model__compile": True, "model__cuda_graphs": True, "model__gradient_checkpointing": False},
+                           ["model.cuda_graphs needs CUDA GPUs, this run is on cpu; set model.cuda_graphs: false"]),
     "param_offload_without_deepspeed_zero3": (
         {"deepspeed__overrides": {"zero_optimization": {"offload_param": {"device": "cpu"}}}},
         ["zero_optimization.offload_param", "deepspeed.zero3_impl: deepspeed"]),

@@ -14,6 +14,7 @@ from mixlora_ds.train.checkpoint import COMPLETE, CheckpointError, find_resume, 
 from mixlora_ds.train.config import TrainConfigError, load_config, parse_overrides
 from mixlora_ds.train.ds_config import engine_ds_config, resolve_ds_config, shards_base_itself
 from mixlora_ds.train.monitor import heatmap_image
+from mixlora_ds.train.plan import check_compile
 from mixlora_ds.train.schedule import lr_factor
 
 from tests.train.conftest import REPO
@@ -151,6 +152,30 @@ def test_cpu_adam_needs_offload(tmp_path):
     cfg = load_config(None, ["--deepspeed.config", ds_file(tmp_path, {}), "--optim.impl", "cpu_adam"])
     with pytest.raises(TrainConfigError, match="cpu_adam needs zero_optimization.offload_optimizer"):
         resolve_ds_config(cfg, world_size=1, hidden_size=64, device="cpu")
+
+
+def test_cuda_graphs_needs_compile_and_no_checkpointing(tmp_path):
+    with pytest.raises(TrainConfigError, match=r":3: 'model.cuda_graphs' needs model.compile: true"):
+        load_config(write(tmp_path, "model:\n  gradient_checkpointing: false\n  cuda_graphs: true\n"))
+    with pytest.raises(TrainConfigError, match="'model.cuda_graphs' does not work with model.gradient_checkpointing"):
+        load_config(None, ["--model.compile", "true", "--model.cuda_graphs", "true"])
+    flags = ["--model.compile", "true", "--model.cuda_graphs", "true", "--model.gradient_checkpointing", "false"]
+    assert load_config(None, flags).model.cuda_graphs
+
+
+@pytest.mark.parametrize("stage, ep, device, why", [
+    (2, 1, "cpu", "needs CUDA GPUs, this run is on cpu"),
+    (3, 1, "cuda", "does not work with ZeRO-3"),
+    (2, 2, "cuda", "does not work with expert parallelism"),
+])
+def test_cuda_graphs_refused_where_replays_cannot_work(stage, ep, device, why):
+    flags = ["--model.compile", "true", "--model.cuda_graphs", "true", "--model.gradient_checkpointing", "false",
+             "--parallel.expert_parallel_size", str(ep)]
+    cfg = load_config(None, flags)
+    with pytest.raises(TrainConfigError, match=f"model.cuda_graphs {why}"):
+        check_compile(cfg, stage, shards_base=stage == 3, device=device)
+    cfg.model.cuda_graphs = False
+    check_compile(cfg, stage, shards_base=stage == 3, device=device)
 
 
 def test_schedule_shapes():
