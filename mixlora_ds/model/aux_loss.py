@@ -18,39 +18,38 @@ from mixlora_ds.model.moe import moe_blocks
 from mixlora_ds.model.router import Routing
 
 
-def _row_mask(routing: Routing, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    n = routing.probs_TE.shape[0]
+def row_mask(routings: list[Routing], attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[T]``: 1 for the real rows every layer routed, 0 for padding."""
+    probs_TE = routings[0].probs_TE
+    n = probs_TE.shape[0]
     if attention_mask is None:
-        return routing.probs_TE.new_ones(n)
-    mask = attention_mask.reshape(-1).to(routing.probs_TE.dtype)
+        return probs_TE.new_ones(n)
+    mask = attention_mask.reshape(-1).to(device=probs_TE.device, dtype=probs_TE.dtype)
     if mask.numel() != n:
         raise ValueError(f"attention_mask has {mask.numel()} positions but the router saw {n} tokens")
     return mask
 
 
+def side_by_side(routings: list[Routing], name: str) -> torch.Tensor:
+    """One field of every layer's routing, ``[L, T, ...]``: the layers' sums then take one operator
+    each, not one per layer (what the host dispatches is what these small tensors cost)."""
+    return torch.stack([getattr(r, name) for r in routings])
+
+
 def load_balance_loss(routings: list[Routing], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``E * sum_e F_e * P_e`` over the pooled rows of all layers (without the coefficient)."""
-    selected = torch.zeros_like(routings[0].probs_TE[0])
-    probs = torch.zeros_like(selected)
-    rows = selected.new_zeros(())
-    for routing in routings:
-        mask_T = _row_mask(routing, attention_mask)
-        selected = selected + mask_T @ routing.selected_TE
-        probs = probs + mask_T @ routing.probs_TE
-        rows = rows + mask_T.sum()
-    rows = rows.clamp_min(1.0)
-    return routings[0].num_experts * torch.sum((selected / rows) * (probs / rows))
+    mask_T = row_mask(routings, attention_mask)
+    selected_E = (mask_T @ side_by_side(routings, "selected_TE")).sum(0)  # [T] @ [L, T, E] -> [L, E]
+    probs_E = (mask_T @ side_by_side(routings, "probs_TE")).sum(0)
+    rows = (mask_T.sum() * len(routings)).clamp_min(1.0)
+    return routings[0].num_experts * torch.sum((selected_E / rows) * (probs_E / rows))
 
 
 def router_z_loss(routings: list[Routing], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over real rows of ``logsumexp(logits)^2``, pooled over layers."""
-    total = routings[0].logits_TE.new_zeros(())
-    rows = total.new_zeros(())
-    for routing in routings:
-        mask_T = _row_mask(routing, attention_mask)
-        total = total + (mask_T * torch.logsumexp(routing.logits_TE, dim=-1).square()).sum()
-        rows = rows + mask_T.sum()
-    return total / rows.clamp_min(1.0)
+    mask_T = row_mask(routings, attention_mask)
+    z_LT = torch.logsumexp(side_by_side(routings, "logits_TE"), dim=-1).square()
+    return (z_LT @ mask_T).sum() / (mask_T.sum() * len(routings)).clamp_min(1.0)
 
 
 def mixlora_aux_loss(model: nn.Module, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from mixlora_ds.model.aux_loss import row_mask, side_by_side
 from mixlora_ds.model.moe import moe_blocks
+from mixlora_ds.model.router import Routing
 
 
 @dataclass
@@ -24,23 +26,26 @@ class RoutingStatistics:
     """Raw assignment counts per layer and expert, for summing across batches or ranks."""
 
 
-@torch.no_grad()
 def routing_statistics(model: nn.Module, attention_mask: torch.Tensor | None = None) -> RoutingStatistics:
     """Statistics of the model's last forward, counting real tokens only."""
-    blocks = [b for b in moe_blocks(model) if b.last_routing is not None]
-    if not blocks:
+    routings = [b.last_routing for b in moe_blocks(model) if b.last_routing is not None]
+    if not routings:
         raise ValueError("no MixLoRA block has routed anything yet: run a forward pass first")
-    counts, entropy, dropped = [], [], []
-    for block in blocks:
-        r = block.last_routing
-        mask_T = (
-            torch.ones(r.probs_TE.shape[0], device=r.probs_TE.device)
-            if attention_mask is None else attention_mask.reshape(-1).float().to(r.probs_TE.device)
-        )
-        counts.append(mask_T @ r.selected_TE)
-        ent_T = -(r.probs_TE * torch.log(r.probs_TE.clamp_min(1e-30))).sum(-1)
-        entropy.append((mask_T * ent_T).sum() / mask_T.sum().clamp_min(1))
-        dropped.append((mask_T * r.passthrough_T.float()).sum() if r.passthrough_T is not None else mask_T.new_zeros(()))
-    counts_LE = torch.stack(counts)
+    return statistics_of(routings, attention_mask)
+
+
+@torch.no_grad()
+def statistics_of(routings: list[Routing], attention_mask: torch.Tensor | None = None) -> RoutingStatistics:
+    """``routing_statistics`` of these routings, one per layer (all layers at once: ``side_by_side``)."""
+    mask_T = row_mask(routings, attention_mask)
+    counts_LE = mask_T @ side_by_side(routings, "selected_TE")
+    probs_LTE = side_by_side(routings, "probs_TE")
+    entropy_LT = -(probs_LTE * torch.log(probs_LTE.clamp_min(1e-30))).sum(-1)
+    real = mask_T.sum()
+    entropy_L = (entropy_LT @ mask_T) / real.clamp_min(1)
+    if routings[0].passthrough_T is not None:
+        dropped_L = side_by_side(routings, "passthrough_T").to(mask_T.dtype) @ mask_T
+    else:
+        dropped_L = mask_T.new_zeros(len(routings))
     load_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1)
-    return RoutingStatistics(load_LE, torch.stack(entropy), mask_T.sum(), torch.stack(dropped), counts_LE)
+    return RoutingStatistics(load_LE, entropy_L, real, dropped_L, counts_LE)

@@ -85,3 +85,33 @@ def test_router_loss_off_and_switch_z_loss():
     keep = mask.reshape(-1).bool().repeat(2)
     expected = torch.logsumexp(rows[keep], dim=-1).square().mean()
     assert torch.allclose(mixlora_aux_loss(model, mask), expected, rtol=1e-6)
+
+
+def test_routing_statistics_match_a_per_layer_loop():
+    """All layers at once (``statistics_of``) against each layer on its own, in float64, with padding
+    and switch tokens dropped over capacity."""
+    from mixlora_ds.model.stats import routing_statistics
+
+    model = tiny_model("llama")
+    inject_mixlora(model, MixLoraConfig(r=4, lora_alpha=8, num_experts=4, routing_strategy="mixlora-switch",
+                                        expert_capacity=2))
+    randomize_adapter(model, std=0.5)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0
+    model.train()
+    model(ids, attention_mask=mask)
+    stats = routing_statistics(model, mask)
+    real = mask.reshape(-1).bool()
+    for layer, block in enumerate(moe_blocks(model)):
+        r = block.last_routing
+        probs = r.probs_TE.double()[real]
+        counts = r.selected_TE.double()[real].sum(0)
+        entropy = -(probs * probs.log()).sum(-1).mean()
+        dropped = r.passthrough_T[real].sum()
+        torch.testing.assert_close(stats.counts_LE[layer].double(), counts)
+        torch.testing.assert_close(stats.load_LE[layer].double(), counts / counts.sum())
+        torch.testing.assert_close(stats.entropy_L[layer].double(), entropy, rtol=1e-6, atol=0)
+        assert stats.dropped_L[layer].item() == dropped.item()
+    assert stats.tokens.item() == real.sum().item()
+    assert stats.dropped_L.sum() > 0  # the capacity did drop tokens: the passthrough count is exercised

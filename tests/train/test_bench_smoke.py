@@ -1,4 +1,5 @@
-"""benchmarks/bench_zero.py runs (tiny model, CPU, gloo): the GPU benchmark's code path stays alive."""
+"""benchmarks/bench_zero.py, bench_train_step.py and bench_router_losses.py run (tiny model, CPU,
+gloo): the GPU benchmarks' code paths stay alive."""
 
 from __future__ import annotations
 
@@ -33,6 +34,31 @@ def test_bench_zero_tiny_on_cpu(tmp_path):
                       "trace_zero3_mixlora_w2_r0.json.gz", "trace_zero3_mixlora_w2_r1.json.gz"]
     with gzip.open(tmp_path / "traces" / traces[-1], "rt") as f:
         assert any(e.get("ph") == "X" for e in json.load(f)["traceEvents"])
+
+
+def test_bench_train_step_tiny_on_cpu(tmp_path):
+    """Every kind of variant, CUDA-graph ones included (on CPU Inductor runs them without graphs and
+    the script says so)."""
+    variants = ["base", "peft-lora-compiled", "mixlora_ds-bf16-fused-compiled", "mixlora_ds-bf16-fused-compiled-graphs"]
+    out = tmp_path / "step.json"
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--tiny", "--variants",
+                        ",".join(variants), "--json", str(out)],
+                       env=launch_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == variants
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert rows[1]["trainable_params"] > 0 and rows[2]["trainable_params"] == rows[3]["trainable_params"] > 0
+    assert rows[3]["cudagraph_skips"] > 0 and "without CUDA graphs" in p.stdout
+
+
+@pytest.mark.parametrize("strategy", ["top-k", "switch"])
+def test_bench_router_losses_small_on_cpu(tmp_path, strategy):
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_router_losses.py"), "--layers", "3",
+                        "--tokens", "64", "--seq", "32", "--repeats", "2", "--strategy", strategy, "--device", "cpu"],
+                       env=launch_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "operators per micro-batch, views apart: " in p.stdout and "host time per micro-batch" in p.stdout
 
 
 def test_trace_summary_splits_gpu_time(tmp_path):
